@@ -1,0 +1,212 @@
+"""The `birdgen` command: tiny-model, export, serve, generate, demo.
+
+Errors a user can fix (bad request, missing model part, server down) print one line and exit 2;
+no traceback. Heavy imports happen inside the subcommand that needs them, so `birdgen generate`
+stays as light as the client library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_REPO = Path("outputs/model_repository")
+REQUEST_FIELDS = (
+    "species",
+    "scientific_name",
+    "species_id",
+    "family",
+    "pose",
+    "season",
+    "lighting",
+    "style",
+    "habitat",
+    "width",
+    "height",
+    "steps",
+    "seed",
+    "format",
+    "prompt",
+    "negative_prompt",
+)
+INT_FIELDS = {"width", "height", "steps", "seed"}
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from birdgen.tiny_model import write_tiny_model
+
+    out = write_tiny_model(args.out, seed=args.seed)
+    print(f"tiny SDXL-Turbo model written to {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from birdgen.export.exporter import export_repository
+
+    manifest = export_repository(
+        args.model_dir, args.out, engine=args.engine, entry_instances=args.entry_instances, force=args.force
+    )
+    print(
+        f"model repository {args.out} ready: model_version {manifest['model_version']}, "
+        f"engine {manifest['engine']}, {len(manifest['files'])} files in manifest.json"
+    )
+    return 0
+
+
+def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from birdgen.server import TritonServer
+
+    return TritonServer(
+        args.model_repository,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from birdgen.server import serve_forever
+
+    return serve_forever(_server(args))
+
+
+def _request_fields(args: argparse.Namespace) -> dict[str, object]:
+    return {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
+
+
+def _output_path(out: Path, fmt: str) -> Path:
+    return out if out.suffix else out.with_suffix("." + ("jpg" if fmt == "jpeg" else fmt))
+
+
+def _generate_image(args: argparse.Namespace) -> int:
+    from birdgen.client import BirdClient
+
+    with BirdClient(args.url, timeout_s=args.timeout) as client:
+        image = client.generate_image(**_request_fields(args))
+    path = image.save(_output_path(args.out, image.format))
+    print(json.dumps(image.metadata, indent=2, sort_keys=True))
+    print(f"wrote {path} ({len(image.data)} bytes)", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: tiny model -> export -> Triton -> one labelled image."""
+    import time
+
+    from birdgen.client import BirdClient
+    from birdgen.export.exporter import export_repository
+    from birdgen.model_folder import check_model_folder
+    from birdgen.server import TritonServer
+    from birdgen.tiny_model import write_tiny_model
+
+    out = Path(args.out)
+    model_dir = Path(args.model_dir) if args.model_dir else out / "tiny-sdxl-turbo"
+    if not args.model_dir and not (model_dir / "model_index.json").is_file():
+        write_tiny_model(model_dir)
+        print(f"[demo] tiny model written to {model_dir}")
+    check_model_folder(model_dir)
+    repo = out / "model_repository"
+    manifest = export_repository(model_dir, repo, progress=lambda m: print(f"[demo] export: {m}"))
+    request = {
+        "species": "American Robin",
+        "scientific_name": "Turdus migratorius",
+        "species_id": "amerob",
+        "pose": "perched",
+        "season": "spring",
+        "lighting": "golden-hour",
+        "seed": 42,
+        "steps": 1,
+        "width": 512,
+        "height": 512,
+        "format": "png",
+    }
+    with TritonServer(repo) as server:
+        print(f"[demo] tritonserver ready at {server.grpc_url} (model {manifest['model_version']})")
+        with BirdClient(server.grpc_url) as client:
+            start = time.perf_counter()
+            image = client.generate_image(**request)
+            seconds = time.perf_counter() - start
+    path = image.save(out / "american_robin.png")
+    (out / "american_robin.json").write_text(json.dumps(image.metadata, indent=2, sort_keys=True) + "\n")
+    print(
+        f"[demo] wrote {path} ({image.image.width}x{image.image.height}, {len(image.data)} bytes) in "
+        f"{seconds * 1000:.0f} ms through Triton; metadata in {out / 'american_robin.json'}"
+    )
+    print(f"[demo] prompt: {image.metadata['prompt']}")
+    return 0
+
+
+def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    for name in REQUEST_FIELDS:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(
+            flag, dest=name, type=int if name in INT_FIELDS else str, required=name == "species"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="birdgen", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("tiny-model", help="write a tiny random-weight SDXL-Turbo folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=20261125)
+    p.set_defaults(run=_tiny_model)
+
+    p = commands.add_parser("export", help="export a diffusers SDXL folder to a Triton model repository")
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=DEFAULT_REPO)
+    p.add_argument("--engine", default="onnxruntime")
+    p.add_argument(
+        "--entry-instances",
+        type=int,
+        default=4,
+        help="bird_image instances: concurrent requests whose UNet calls can batch together",
+    )
+    p.add_argument("--force", action="store_true", help="re-export stages even when up to date")
+    p.set_defaults(run=_export)
+
+    p = commands.add_parser("serve", help="run tritonserver on a model repository until SIGINT/SIGTERM")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPO)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="generate through a running server").add_subparsers(
+        dest="kind", required=True
+    )
+    p = generate.add_parser("image", help="one bird image")
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--timeout", type=float, default=120.0)
+    _add_request_arguments(p)
+    p.set_defaults(run=_generate_image)
+
+    p = commands.add_parser("demo", help="tiny model -> export -> Triton -> one labelled image under --out")
+    p.add_argument("--out", type=Path, default=Path("outputs"))
+    p.add_argument("--model-dir", type=Path, help="a diffusers SDXL folder (default: build the tiny one)")
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from birdgen.client.errors import BirdgenError
+    from birdgen.model_folder import ModelFolderError
+    from birdgen.server import TritonServerError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (BirdgenError, ModelFolderError, TritonServerError, ValueError, OSError) as exc:
+        print(f"birdgen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The engine-kind interface: how a stage is built from its torch module, and how it runs.
+
+The scheduler never sees an engine: it calls Triton models by stage name. Each kind (onnxruntime
+here; torch and tensorrt in their own modules) implements build + load, and says how Triton should
+host it, so adding a kind touches only its module and the registry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from birdgen.stages import StageSpec
+
+
+class Engine(ABC):
+    """A loaded stage: named numpy inputs in, named numpy outputs out (batch axis first)."""
+
+    @abstractmethod
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class EngineKind(ABC):
+    """Build and load side of one engine kind."""
+
+    name: ClassVar[str]
+    # Settings that change what `build` writes; they key the export cache with the source files.
+    settings: ClassVar[dict[str, Any]] = {}
+
+    @abstractmethod
+    def build(
+        self, spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], out_dir: Path
+    ) -> list[Path]:
+        """Write the stage's artifacts into `out_dir` (a Triton model version folder); return them."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def load(self, spec: StageSpec, version_dir: Path, device: str = "cpu") -> Engine:
+        """Load the artifacts `build` wrote."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def triton_hosting(self, spec: StageSpec) -> dict[str, Any]:
+        """ModelConfig fields that say how Triton hosts the stage (backend/platform, parameters, kind)."""
+        raise NotImplementedError

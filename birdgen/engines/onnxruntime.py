@@ -1,0 +1,85 @@
+"""ONNX Runtime engines: the portable kind (CPU here, CUDA where onnxruntime-gpu is installed).
+
+Export uses torch.onnx's dynamo exporter, the one that keeps parity with the pinned torch, with the
+batch and spatial axes dynamic as the stage spec names them. Triton hosts the model in a
+python-backend stage model here (the pip tritonserver has no onnxruntime backend); the NGC image's
+native `onnxruntime_onnx` platform can serve the same model.onnx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from birdgen.engines.base import Engine, EngineKind
+from birdgen.stages import StageSpec
+
+ONNX_FILE = "model.onnx"
+OPSET = 18
+
+
+class OnnxRuntimeEngine(Engine):
+    def __init__(self, path: Path, device: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, dict(inputs))
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def export_onnx(spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], path: Path) -> Path:
+    """torch module -> ONNX file with the spec's names and dynamic axes (batch + named dims)."""
+    import torch
+
+    dims: dict[str, Any] = {"batch": torch.export.Dim("batch", min=1, max=max(spec.max_batch_size, 2))}
+    for name, (low, _, high) in spec.dynamic_axes.items():
+        dims[name] = torch.export.Dim(name, min=low, max=high)
+    dynamic_shapes = {
+        t.name: {0: dims["batch"], **{i + 1: dims[d] for i, d in enumerate(t.dims) if isinstance(d, str)}}
+        for t in spec.inputs
+    }
+    args = tuple(torch.from_numpy(sample[t.name]) for t in spec.inputs)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module.eval(),
+            args,
+            dynamic_shapes=dynamic_shapes,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Weights past protobuf's 2 GB limit (the real SDXL UNet) go to an external data file beside it.
+    program.save(str(path), external_data=program.model_proto.ByteSize() > 1_800_000_000)
+    return path
+
+
+class OnnxRuntimeKind(EngineKind):
+    name = "onnxruntime"
+    settings: ClassVar[dict[str, Any]] = {"opset": OPSET, "exporter": "torch.onnx.dynamo"}
+
+    def build(
+        self, spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], out_dir: Path
+    ) -> list[Path]:
+        export_onnx(spec, module, sample, out_dir / ONNX_FILE)
+        return sorted(p for p in out_dir.iterdir() if p.is_file())
+
+    def load(self, spec: StageSpec, version_dir: Path, device: str = "cpu") -> Engine:
+        return OnnxRuntimeEngine(version_dir / ONNX_FILE, device)
+
+    def triton_hosting(self, spec: StageSpec) -> dict[str, Any]:
+        return {"backend": "python", "parameters": {"engine": self.name, "stage": spec.name}}

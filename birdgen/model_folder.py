@@ -1,0 +1,141 @@
+"""One loader for any local diffusers SDXL folder: the tiny test model and a real sdxl-turbo copy alike.
+
+`ModelDims` reads only the JSON configs (no torch), so export, config generation and the serving
+models agree on tensor shapes without loading weights. `load_part` loads one component with the
+library class named in model_index.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# The parts birdgen serves from, and the file that proves each one is there.
+REQUIRED_PARTS: dict[str, str] = {
+    "tokenizer": "vocab.json",
+    "tokenizer_2": "vocab.json",
+    "text_encoder": "config.json",
+    "text_encoder_2": "config.json",
+    "unet": "config.json",
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+WEIGHT_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+
+
+class ModelFolderError(ValueError):
+    """The folder is not a usable diffusers SDXL layout; the message names the missing part."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def check_model_folder(model_dir: Path) -> dict[str, Any]:
+    """Validate the layout and return model_index.json; raise ModelFolderError naming what is missing."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / "model_index.json"
+    if not index_path.is_file():
+        raise ModelFolderError(f"{model_dir} is not a diffusers model folder: model_index.json is missing")
+    index = _read_json(index_path)
+    for part, marker in REQUIRED_PARTS.items():
+        if part not in index or index[part][0] is None:
+            raise ModelFolderError(
+                f"{model_dir}: model_index.json lists no '{part}' (an SDXL folder needs it)"
+            )
+        if not (model_dir / part / marker).is_file():
+            raise ModelFolderError(f"{model_dir}: part '{part}' is missing ({part}/{marker} not found)")
+    for part in WEIGHT_PARTS:
+        if not any((model_dir / part).glob("*.safetensors")) and not any((model_dir / part).glob("*.bin")):
+            raise ModelFolderError(f"{model_dir}: part '{part}' has no weights (*.safetensors or *.bin)")
+    return index
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The tensor sizes every stage contract derives from, read from the folder's configs."""
+
+    max_tokens: int
+    text_hidden: int
+    text_hidden_2: int
+    pooled_dim: int
+    latent_channels: int
+    vae_scale_factor: int
+    unet_levels: int
+    vocab_size: int
+    time_ids_dim: int = 6
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.text_hidden + self.text_hidden_2
+
+    @property
+    def pixel_stride(self) -> int:
+        """Image sizes must be multiples of this: VAE factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (self.unet_levels - 1)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int]) -> ModelDims:
+        return cls(**data)
+
+    @classmethod
+    def from_folder(cls, model_dir: Path) -> ModelDims:
+        model_dir = Path(model_dir)
+        check_model_folder(model_dir)
+        te = _read_json(model_dir / "text_encoder" / "config.json")
+        te2 = _read_json(model_dir / "text_encoder_2" / "config.json")
+        unet = _read_json(model_dir / "unet" / "config.json")
+        vae = _read_json(model_dir / "vae" / "config.json")
+        tok = _read_json(model_dir / "tokenizer" / "tokenizer_config.json")
+        dims = cls(
+            max_tokens=int(tok.get("model_max_length", te.get("max_position_embeddings", 77))),
+            text_hidden=int(te["hidden_size"]),
+            text_hidden_2=int(te2["hidden_size"]),
+            pooled_dim=int(te2["projection_dim"]),
+            latent_channels=int(vae["latent_channels"]),
+            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+            unet_levels=len(unet["block_out_channels"]),
+            vocab_size=int(te["vocab_size"]),
+        )
+        if unet.get("cross_attention_dim") != dims.cross_attention_dim:
+            raise ModelFolderError(
+                f"{model_dir}: unet cross_attention_dim {unet.get('cross_attention_dim')} does not match "
+                f"the two text encoders ({dims.text_hidden} + {dims.text_hidden_2})"
+            )
+        if unet.get("addition_embed_type") != "text_time":
+            raise ModelFolderError(
+                f"{model_dir}: unet is not an SDXL UNet (addition_embed_type != 'text_time')"
+            )
+        return dims
+
+
+def _weights_variant(part_dir: Path) -> str | None:
+    """sdxl-turbo ships some parts only as `*.fp16.safetensors`; load those when the plain ones are absent."""
+    plain = [p for p in part_dir.glob("*.safetensors") if ".fp16." not in p.name]
+    return None if plain or not any(part_dir.glob("*.fp16.safetensors")) else "fp16"
+
+
+def load_part(model_dir: Path, part: str, **kwargs: Any) -> Any:
+    """Load one component with the class model_index.json names (diffusers or transformers), in fp32."""
+    import diffusers
+    import torch
+    import transformers
+
+    model_dir = Path(model_dir)
+    index = check_model_folder(model_dir)
+    library, class_name = index[part]
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    if module is None:
+        raise ModelFolderError(f"{model_dir}: part '{part}' comes from unsupported library '{library}'")
+    cls = getattr(module, class_name)
+    if part not in WEIGHT_PARTS:
+        return cls.from_pretrained(model_dir / part)
+    variant = _weights_variant(model_dir / part)
+    extra = {"variant": variant} if variant else {}
+    model = cls.from_pretrained(model_dir / part, torch_dtype=torch.float32, **extra, **kwargs)
+    return model.eval()

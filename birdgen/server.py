@@ -1,0 +1,544 @@
+"""Run the real ``tritonserver`` from the ``nvidia-pytriton`` wheel as a managed child process.
+
+Why: tests and ``birdgen serve`` need a genuine Triton (gRPC, HTTP, metrics, python backend, response
+cache) without the NGC container. The wheel ships the binary but not a usable python-backend directory,
+and its stub embeds the *system* libpython, so this module assembles the pieces: a backend directory of
+our own, ``LD_LIBRARY_PATH`` for the bundled libraries, and ``BIRDGEN_SITE`` so each ``model.py`` can
+reach the venv (see ``MODEL_BOOTSTRAP``).
+
+Kept import-cheap on purpose (stdlib only, no torch, no tritonclient): the CLI imports it eagerly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+__all__ = [
+    "MODEL_BOOTSTRAP",
+    "TritonInstall",
+    "TritonServer",
+    "TritonServerError",
+    "free_port",
+    "live_group_members",
+    "serve_forever",
+    "server_environment",
+    "triton_install",
+]
+
+# Paste at the very top of every model.py, before any non-stdlib import. The stub runs the system
+# libpython and ignores PYTHONPATH; site.addsitedir (unlike a bare sys.path insert) also runs the venv's
+# .pth files, which is what installs the editable-birdgen finder. The venv then goes first on sys.path.
+MODEL_BOOTSTRAP = """\
+import os
+import site
+import sys
+
+
+def _use_birdgen_site() -> None:
+    before = list(sys.path)
+    for path in filter(None, os.environ.get("BIRDGEN_SITE", "").split(os.pathsep)):
+        site.addsitedir(path)
+    sys.path[:] = [p for p in sys.path if p not in before] + before  # venv first
+
+
+_use_birdgen_site()
+"""
+
+_PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+_STUB = "triton_python_backend_stub"
+_LOG_ERROR_LINE = re.compile(r"^E\d{4} |^error: |failed to load", re.IGNORECASE)
+_LOG_NOISE = re.compile(r"CudaDriverHelper has not been initialized")  # every start on a CPU-only host
+
+
+class TritonServerError(RuntimeError):
+    """Triton could not be located, started, or became unhealthy; the message carries the log tail."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonInstall:
+    """Where the pieces of the pip-installed Triton live (``backend_dir`` is our own, not the wheel's)."""
+
+    binary: Path
+    backend_dir: Path
+    cache_dir: Path
+    lib_dir: Path
+    stub: Path
+    version: str
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on all interfaces now (never the same one twice per process)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        if port not in _issued_ports:
+            _issued_ports.add(port)
+            return port
+    raise TritonServerError("could not find a free TCP port")
+
+
+_issued_ports: set[int] = set()
+
+
+@functools.cache
+def triton_install() -> TritonInstall:
+    """Locate Triton inside the installed ``pytriton`` package (without importing it: that is slow)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonServerError(
+            "tritonserver not found: install the model extras (pip install -e '.[models]', "
+            "which brings nvidia-pytriton)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    dist = root / "tritonserver"
+    version = importlib.metadata.version("nvidia-pytriton")
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub_src = dist / "python_backend_stubs" / py / _STUB
+    binary = dist / "bin" / "tritonserver"
+    for needed in (binary, stub_src, *(dist / "backends" / "python" / f for f in _PYTHON_BACKEND_FILES)):
+        if not needed.is_file():
+            raise TritonServerError(f"nvidia-pytriton {version} is incomplete: {needed} is missing")
+    backend_dir = _prepare_backend_dir(dist, stub_src, f"{version}-py{py}")
+    return TritonInstall(
+        binary=binary,
+        backend_dir=backend_dir,
+        cache_dir=dist / "caches",
+        lib_dir=root.parent / "nvidia_pytriton.libs",
+        stub=backend_dir / "python" / _STUB,
+        version=version,
+    )
+
+
+def _prepare_backend_dir(dist: Path, stub_src: Path, key: str) -> Path:
+    """Build ``<cache>/triton-backends/<key>/python/`` = the wheel's python backend + our interpreter's stub.
+
+    Why: the wheel's ``backends/python`` lacks the stub, and site-packages must stay untouched. Files are
+    copied (not symlinked) because the backend chmods the stub; the directory is published atomically so
+    concurrent test processes never see a half-built one.
+    """
+    sources = {f: dist / "backends" / "python" / f for f in _PYTHON_BACKEND_FILES} | {_STUB: stub_src}
+    for base in (_cache_home() / "triton-backends", Path(tempfile.gettempdir()) / "birdgen-triton-backends"):
+        target = base / key
+        if _backend_dir_current(target / "python", sources):
+            return target
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=base))
+            (staging / "python").mkdir()
+            for name, src in sources.items():
+                shutil.copy2(src, staging / "python" / name)
+            (staging / "python" / _STUB).chmod(0o755)
+            if target.exists():  # stale (the wheel changed): move it aside, then replace
+                stale = Path(tempfile.mkdtemp(prefix=f".{key}-stale-", dir=base))
+                target.rename(stale / "old")
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                staging.rename(target)
+            except OSError:  # another process published it first
+                shutil.rmtree(staging, ignore_errors=True)
+            if _backend_dir_current(target / "python", sources):
+                return target
+        except OSError:
+            continue  # e.g. read-only cache home: fall back to the temp dir
+    raise TritonServerError(f"could not build a python-backend directory for Triton ({key})")
+
+
+def _backend_dir_current(python_dir: Path, sources: dict[str, Path]) -> bool:
+    try:
+        return all((python_dir / n).stat().st_size == src.stat().st_size for n, src in sources.items())
+    except OSError:
+        return False
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "birdgen"
+
+
+@functools.cache
+def _check_stub_libraries(install: TritonInstall) -> None:
+    """Fail early, with the fix, when the stub's embedded libpython is not installed on the system."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return
+    env = {**os.environ, "LD_LIBRARY_PATH": _ld_library_path(install)}
+    out = subprocess.run([ldd, str(install.stub)], capture_output=True, text=True, env=env, check=False)
+    missing = [line.split()[0] for line in out.stdout.splitlines() if "not found" in line]
+    if not missing:
+        return
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    hint = (
+        f" The python-backend stub embeds the system Python {py}: install it with "
+        f"`apt-get install libpython{py}` (Debian/Ubuntu), and keep the venv on Python {py}."
+        if any(m.startswith("libpython") for m in missing)
+        else ""
+    )
+    raise TritonServerError(f"{install.stub} cannot run: missing {', '.join(missing)}.{hint}")
+
+
+def _ld_library_path(install: TritonInstall) -> str:
+    return os.pathsep.join(filter(None, [str(install.lib_dir), os.environ.get("LD_LIBRARY_PATH", "")]))
+
+
+def server_environment() -> dict[str, str]:
+    """The environment for tritonserver: ours plus its bundled libraries and ``BIRDGEN_SITE`` (the venv)."""
+    install = triton_install()
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = _ld_library_path(install)
+    env["BIRDGEN_SITE"] = os.pathsep.join(site.getsitepackages())
+    return env
+
+
+_running: set[TritonServer] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Servers run in their own session, so nothing else would stop them if the caller forgot to."""
+    for server in list(_running):
+        with contextlib.suppress(Exception):
+            server.stop(timeout=5.0)
+
+
+class TritonServer:
+    """One tritonserver process on its own ports, in its own session, logging to a file.
+
+    ``grpc_url`` and ``http_url`` are ``host:port`` (what ``tritonclient`` expects); ``metrics_url`` is
+    the full Prometheus URL. Ports left as ``None`` are picked free at construction and kept across
+    restarts, so clients built before ``start()`` stay valid.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path,
+        *,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        model_control: str = "none",
+        load_models: Sequence[str] = (),
+        log_verbose: int = 0,
+        log_file: Path | None = None,
+        cache_size_bytes: int = 256 * 2**20,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if model_control not in ("none", "explicit", "poll"):
+            raise ValueError(f"model_control must be 'none', 'explicit' or 'poll', not {model_control!r}")
+        if load_models and model_control != "explicit":
+            raise ValueError("load_models needs model_control='explicit' (Triton rejects --load-model else)")
+        self.model_repository = Path(model_repository).resolve()
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.model_control = model_control
+        self.load_models = tuple(load_models)
+        self.log_verbose = log_verbose
+        self.log_file = Path(log_file) if log_file is not None else None
+        self.cache_size_bytes = cache_size_bytes
+        self.extra_args = tuple(extra_args)
+        self.returncode: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._log_offset = 0
+        self._shm_prefix = ""
+        self._lock = threading.RLock()
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs (also its process-group id), else None."""
+        proc = self._process
+        if proc is None or proc.returncode is not None or _wait_exit_unreaped(proc.pid, 0.0):
+            return None
+        return proc.pid
+
+    def command(self) -> list[str]:
+        """The full tritonserver command line (also handy to print for debugging)."""
+        install = triton_install()
+        cmd = [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={install.backend_dir}",
+            f"--cache-directory={install.cache_dir}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--model-control-mode={self.model_control}",
+            *(f"--load-model={name}" for name in self.load_models),
+            f"--log-verbose={self.log_verbose}",
+            # A model that fails to load must fail start() loudly rather than serve a partial repository.
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+        ]
+        if self.cache_size_bytes > 0:
+            cmd.append(f"--cache-config=local,size={self.cache_size_bytes}")
+        if self._shm_prefix:
+            # Unique per start, so stop() can remove what a killed server left in /dev/shm.
+            cmd.append(f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}")
+        return [*cmd, *self.extra_args]
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        """Spawn tritonserver and block until ``/v2/health/ready`` answers 200 (all models loaded)."""
+        with self._lock:
+            if self.pid is not None:
+                return self
+            if not self.model_repository.is_dir():
+                raise TritonServerError(f"model repository {self.model_repository} is not a directory")
+            install = triton_install()
+            _check_stub_libraries(install)
+            if self.log_file is None:
+                fd, name = tempfile.mkstemp(prefix="birdgen-triton-", suffix=".log")
+                os.close(fd)
+                self.log_file = Path(name)
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_file.open("ab")
+            self._log_offset = self._log.tell()  # error tails show this run only
+            self._shm_prefix = f"birdgen_{uuid.uuid4().hex[:12]}_"
+            self.returncode = None
+            self._process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=server_environment(),
+                start_new_session=True,  # own process group: stop() signals it alone, Ctrl-C does not
+            )
+            _running.add(self)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop(timeout=5.0)
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        proc = self._process
+        assert proc is not None
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            code = _exit_status(proc.pid)
+            if code is not None:  # left unreaped: stop() (below, in start) still sweeps its stubs
+                raise TritonServerError(self._failure(f"exited with code {code} before becoming ready"))
+            if self.is_ready():
+                return
+            if time.monotonic() > deadline:
+                raise TritonServerError(self._failure(f"was not ready after {timeout:.0f} s"))
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def is_ready(self, timeout: float = 1.0) -> bool:
+        """GET /v2/health/ready; False on any connection error (proxies bypassed: it is localhost)."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/health/ready")
+        try:
+            with _NO_PROXY_OPENER.open(request, timeout=timeout) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_text(self) -> str:
+        """This run's server log so far (everything since the last start())."""
+        if self.log_file is None or not self.log_file.exists():
+            return ""
+        with self.log_file.open("rb") as handle:
+            handle.seek(self._log_offset)
+            return handle.read().decode("utf-8", errors="replace")
+
+    def _failure(self, reason: str, tail_lines: int = 40) -> str:
+        lines = self.log_text().splitlines()
+        errors = [ln for ln in lines if _LOG_ERROR_LINE.search(ln) and not _LOG_NOISE.search(ln)][:20]
+        parts = [f"tritonserver {reason} (model repository {self.model_repository}, log {self.log_file})"]
+        if errors:
+            parts += ["Errors:", *errors]
+        parts += [f"Last {min(tail_lines, len(lines))} log lines:", *lines[-tail_lines:]]
+        return "\n".join(parts)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGINT the server (graceful: Triton drains and unloads), SIGKILL its group after ``timeout``.
+
+        Returns the exit code (negative signal number if killed); calling it again returns the same code.
+        """
+        with self._lock:
+            proc = self._process
+            if proc is None:
+                return self.returncode if self.returncode is not None else 0
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
+                if not _wait_exit_unreaped(proc.pid, timeout):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    _wait_exit_unreaped(proc.pid, 10.0)
+                # The exited-but-unreaped leader keeps its pid (= our group id) reserved, so this reaches
+                # only leftover stubs of this server, never a stranger that reused the pid.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            self.returncode = proc.wait()
+            _wait_group_gone(proc.pid, 5.0)  # SIGKILLed stubs vanish asynchronously; ports close with them
+            self._process = None
+            _running.discard(self)
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            self._remove_shm_regions()
+            return self.returncode
+
+    def _remove_shm_regions(self) -> None:
+        """A killed server leaves its python-backend regions in /dev/shm; they are ours by prefix."""
+        shm = Path("/dev/shm")
+        if self._shm_prefix and shm.is_dir():
+            for region in shm.glob(f"{self._shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    region.unlink()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"TritonServer({str(self.model_repository)!r}, grpc={self.grpc_url}, http={self.http_url}, "
+            f"pid={self.pid})"
+        )
+
+
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _exit_status(pid: int) -> int | None:
+    """Exit code of our child ``pid`` if it has exited, else None, without reaping it (WNOWAIT).
+
+    Why: an exited-but-unreaped child keeps its pid, so the pid (= our process-group id) cannot be reused
+    by a stranger before stop() has swept the group.
+    """
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return -1  # already reaped elsewhere
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _wait_exit_unreaped(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` for our child ``pid`` to exit, leaving it unreaped; True if it has."""
+    deadline = time.monotonic() + timeout
+    while _exit_status(pid) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of process group ``pgid`` that are still running (zombies excluded: they hold no resources).
+
+    Why not ``killpg(pgid, 0)``: a killed stub is reparented to pid 1 and stays a zombie until pid 1
+    reaps it, which some init processes do only every second or two.
+    """
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp ...
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(stat.parent.name))
+    return members
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until no live process of group ``pgid`` is left (ports and GPU memory are free then)."""
+    deadline = time.monotonic() + timeout
+    while live_group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def serve_forever(server: TritonServer, *, echo_log: bool = True) -> int:
+    """Start ``server``, print its URLs, and block until SIGINT/SIGTERM; then stop it cleanly.
+
+    Returns the server's exit code (its own, if it died by itself; 130 if interrupted while starting).
+    The server log is copied to stderr as it grows when ``echo_log`` is set (it lives in a file so that
+    start() errors can quote it).
+    """
+    stop_requested = threading.Event()
+
+    def _request_stop(signum: int, frame: FrameType | None) -> None:
+        stop_requested.set()
+
+    try:
+        server.start()
+    except KeyboardInterrupt:
+        return 130
+    print(
+        f"Triton ready: grpc={server.grpc_url} http={server.http_url} metrics={server.metrics_url}\n"
+        f"model repository: {server.model_repository}\nlog: {server.log_file}  (Ctrl-C to stop)",
+        flush=True,
+    )
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    offset = server._log_offset
+    try:
+        while not stop_requested.wait(0.5):
+            if echo_log:
+                offset = _echo_log(server, offset)
+            if server.pid is None:
+                print("tritonserver exited on its own", file=sys.stderr, flush=True)
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        code = server.stop()
+        if echo_log:
+            _echo_log(server, offset)
+    return code
+
+
+def _echo_log(server: TritonServer, offset: int) -> int:
+    if server.log_file is None:
+        return offset
+    with contextlib.suppress(OSError), server.log_file.open("rb") as handle:
+        handle.seek(offset)
+        chunk = handle.read()
+        sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+        offset += len(chunk)
+    return offset

@@ -1,0 +1,143 @@
+"""One contract per engine stage: tensor names, types and shapes.
+
+Export (ONNX axes), config.pbtxt generation, the ONNX checks, the engine loaders and the scheduler's
+BLS calls all read these specs, so a shape is spelled once. The batch axis is implicit (first) and
+dynamic: Triton's dynamic batcher merges requests along it. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from birdgen.model_folder import ModelDims
+from birdgen.schema import LIMITS
+
+# Triton datatype names and their numpy types.
+NUMPY_TYPES: dict[str, type[np.generic]] = {
+    "FP32": np.float32,
+    "FP16": np.float16,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+}
+
+# The image size engines are tuned and warmed up for (TensorRT's "opt" profile point).
+COMMON_SIZE_PX = 512
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor without its batch axis; a str dim is a named dynamic axis."""
+
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+
+    def triton_dims(self) -> list[int]:
+        return [d if isinstance(d, int) else -1 for d in self.dims]
+
+    def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else sizes[d] for d in self.dims)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One engine stage: what export writes, what Triton serves, what the scheduler calls."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    # Batch sizes the dynamic batcher should aim for and how long it may hold a request to form them.
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    dynamic_axes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (min, opt, max)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def sample_inputs(
+        self, batch: int, sizes: dict[str, int], vocab_size: int, seed: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Random inputs of the right types and shapes: for export tracing, checks and warmup."""
+        rng = np.random.default_rng(seed)
+        out: dict[str, np.ndarray] = {}
+        for t in self.inputs:
+            shape = (batch, *t.concrete(sizes))
+            if t.dtype == "INT64":
+                out[t.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+            elif t.name == "timestep":
+                out[t.name] = rng.uniform(1, 999, size=shape).astype(np.float32)
+            else:
+                out[t.name] = rng.standard_normal(size=shape).astype(NUMPY_TYPES[t.dtype])
+        return out
+
+
+def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
+    """The four engine stages of SDXL, sized for `dims`."""
+    tokens, latent, factor = dims.max_tokens, dims.latent_channels, dims.vae_scale_factor
+    latent_hw = {
+        "latent_height": (LIMITS.height.min // factor, COMMON_SIZE_PX // factor, LIMITS.height.max // factor),
+        "latent_width": (LIMITS.width.min // factor, COMMON_SIZE_PX // factor, LIMITS.width.max // factor),
+    }
+    latent_spec = (latent, "latent_height", "latent_width")
+    specs = [
+        StageSpec(
+            name="text_encoder",
+            inputs=(TensorSpec("input_ids", "INT64", (tokens,)),),
+            outputs=(TensorSpec("hidden_states", "FP32", (tokens, dims.text_hidden)),),
+            max_batch_size=8,
+            preferred_batch_sizes=(4, 8),
+            max_queue_delay_us=500,
+        ),
+        StageSpec(
+            name="text_encoder_2",
+            inputs=(TensorSpec("input_ids", "INT64", (tokens,)),),
+            outputs=(
+                TensorSpec("hidden_states", "FP32", (tokens, dims.text_hidden_2)),
+                TensorSpec("text_embeds", "FP32", (dims.pooled_dim,)),
+            ),
+            max_batch_size=8,
+            preferred_batch_sizes=(4, 8),
+            max_queue_delay_us=500,
+        ),
+        StageSpec(
+            name="unet",
+            inputs=(
+                TensorSpec("sample", "FP32", latent_spec),
+                TensorSpec("timestep", "FP32", (1,)),
+                TensorSpec("encoder_hidden_states", "FP32", (tokens, dims.cross_attention_dim)),
+                TensorSpec("text_embeds", "FP32", (dims.pooled_dim,)),
+                TensorSpec("time_ids", "FP32", (dims.time_ids_dim,)),
+            ),
+            outputs=(TensorSpec("noise_pred", "FP32", latent_spec),),
+            max_batch_size=8,
+            # Concurrent requests at the same size and step merge here; 2 ms of waiting costs less than
+            # the UNet pass it saves under load, and is skipped when a preferred size is already queued.
+            preferred_batch_sizes=(4, 8),
+            max_queue_delay_us=2000,
+            dynamic_axes=latent_hw,
+        ),
+        StageSpec(
+            name="vae_decoder",
+            inputs=(TensorSpec("latent", "FP32", latent_spec),),
+            # Ready pixels (uint8, HWC): 4x less data out of the decoder than float CHW.
+            outputs=(TensorSpec("image", "UINT8", ("image_height", "image_width", 3)),),
+            max_batch_size=4,
+            preferred_batch_sizes=(2, 4),
+            max_queue_delay_us=1000,
+            dynamic_axes=latent_hw,
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
+def image_sizes(dims: ModelDims, latent_height: int, latent_width: int) -> dict[str, int]:
+    """All named axes for one latent size."""
+    return {
+        "latent_height": latent_height,
+        "latent_width": latent_width,
+        "image_height": latent_height * dims.vae_scale_factor,
+        "image_width": latent_width * dims.vae_scale_factor,
+    }

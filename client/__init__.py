@@ -1,0 +1,20 @@
+"""birdgen's client library (no torch): `BirdClient(url).generate_image(...)`."""
+
+from birdgen.client.client import BirdClient, GeneratedImage
+from birdgen.client.errors import (
+    BirdgenError,
+    DeadlineExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ServerUnavailableError,
+)
+
+__all__ = [
+    "BirdClient",
+    "BirdgenError",
+    "DeadlineExceededError",
+    "GeneratedImage",
+    "GenerationError",
+    "InvalidRequestError",
+    "ServerUnavailableError",
+]

@@ -1,0 +1,117 @@
+"""`BirdClient`: the platform backend's way to ask birdgen for a bird, over Triton gRPC.
+
+Thin on purpose: no torch. The request is validated with the same schema the server uses before
+anything is sent, so a bad request fails fast with the same message the server would give.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from birdgen.client.errors import (
+    BirdgenError,
+    DeadlineExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ServerUnavailableError,
+)
+from PIL import Image
+
+from birdgen.schema import ImageRequest, RequestError, parse_image_request
+
+IMAGE_MODEL = "bird_image"
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """An encoded image with its generation metadata (also embedded in the file)."""
+
+    data: bytes
+    format: str
+    metadata: dict[str, Any]
+
+    @cached_property
+    def image(self) -> Image.Image:
+        image = Image.open(BytesIO(self.data))
+        image.load()
+        return image
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.data)
+        return path
+
+
+class BirdClient:
+    """Synchronous client; one gRPC channel reused across calls."""
+
+    def __init__(self, url: str = "localhost:8001", *, timeout_s: float = 120.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url
+        self.timeout_s = timeout_s
+        self._grpc = grpcclient
+        self._client = grpcclient.InferenceServerClient(url=url)
+
+    def generate_image(
+        self, request: ImageRequest | Mapping[str, Any] | None = None, **fields: Any
+    ) -> GeneratedImage:
+        """Generate one image. Pass an ImageRequest, a mapping, or the fields as keywords."""
+        try:
+            parsed = parse_image_request(request if request is not None else fields)
+        except RequestError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        outputs = self._infer(IMAGE_MODEL, parsed.canonical_json(), ("image", "metadata"))
+        metadata = json.loads(outputs["metadata"])
+        return GeneratedImage(outputs["image"], metadata["format"], metadata)
+
+    def _infer(self, model: str, request_json: str, outputs: tuple[str, ...]) -> dict[str, bytes]:
+        from tritonclient.utils import InferenceServerException
+
+        grpc = self._grpc
+        tensor = grpc.InferInput("request", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([request_json.encode()], dtype=np.object_))
+        try:
+            result = self._client.infer(
+                model,
+                [tensor],
+                outputs=[grpc.InferRequestedOutput(o) for o in outputs],
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise self._error(exc) from None
+        return {o: result.as_numpy(o).reshape(-1)[0] for o in outputs}
+
+    def _error(self, exc: Exception) -> BirdgenError:
+        status = str(getattr(exc, "status", lambda: "")() or "")
+        message = getattr(exc, "message", lambda: str(exc))() or str(exc)
+        if "INVALID_ARGUMENT" in status:
+            return InvalidRequestError(message)
+        if "UNAVAILABLE" in status:
+            return ServerUnavailableError(self.url, message)
+        if "DEADLINE_EXCEEDED" in status or "Deadline" in message:
+            return DeadlineExceededError(f"no answer from {self.url} within {self.timeout_s:g}s")
+        return GenerationError(f"{status or 'error'}: {message}")
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready(client_timeout=5))
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> BirdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

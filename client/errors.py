@@ -1,0 +1,27 @@
+"""Typed client errors: callers branch on the kind of failure, not on message text."""
+
+from __future__ import annotations
+
+
+class BirdgenError(Exception):
+    """Base of every error the client raises."""
+
+
+class InvalidRequestError(BirdgenError):
+    """The request was rejected (locally before sending, or by the server with INVALID_ARGUMENT)."""
+
+
+class ServerUnavailableError(BirdgenError):
+    """No server answered at the URL (down, wrong address, or not ready)."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(f"birdgen server at {url} is unavailable: {detail}")
+        self.url = url
+
+
+class DeadlineExceededError(BirdgenError):
+    """The call did not finish within its deadline."""
+
+
+class GenerationError(BirdgenError):
+    """The server accepted the request but failed to produce the output."""

@@ -1,0 +1,184 @@
+"""The SDXL-Turbo image pipeline as birdgen runs it: StableDiffusionXLPipeline's algorithm, stage by stage,
+with every model call going through a `StageRunner` (Triton BLS in the server, engines in-process in
+tests) instead of a torch module.
+
+It reproduces the diffusers pipeline at guidance 0: the same tokenization, the penultimate CLIP hidden
+states, the same added time ids, diffusers' own EulerAncestralDiscreteScheduler, and a CPU
+`torch.Generator` drawing the initial latents and each step's noise in the same order, so the same
+seed gives the same image. Only the scheduler math runs here; the heavy models run in their engines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from diffusers import EulerAncestralDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTokenizer
+
+import birdgen
+from birdgen.media import encode_image
+from birdgen.model_folder import ModelDims
+from birdgen.prompts import Prompt, PromptLibrary
+from birdgen.schema import ImageRequest, RequestError
+
+PIPELINE_FILE = "pipeline.json"
+Tensors = dict[str, np.ndarray]
+
+
+class StageRunner(Protocol):
+    """Runs engine stages by name; `run_many` may run independent calls concurrently."""
+
+    def run(self, stage: str, inputs: Mapping[str, np.ndarray]) -> Tensors: ...
+
+    def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]: ...
+
+
+@dataclass
+class ImageResult:
+    data: bytes
+    format: str
+    metadata: dict[str, Any]
+    pixels: np.ndarray = field(repr=False)
+
+
+@dataclass
+class Timings:
+    ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        yield
+        self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000, 3)
+
+
+class ImagePipeline:
+    """Text -> image through the stage runner; built from the entry model's folder (see export)."""
+
+    def __init__(self, bundle_dir: Path, runner: StageRunner, prompts: PromptLibrary | None = None) -> None:
+        bundle_dir = Path(bundle_dir)
+        info = json.loads((bundle_dir / PIPELINE_FILE).read_text())
+        self.model_version: str = info["model_version"]
+        self.dims = ModelDims.from_dict(info["dims"])
+        self.tokenizers = (
+            CLIPTokenizer.from_pretrained(bundle_dir / "tokenizer"),
+            CLIPTokenizer.from_pretrained(bundle_dir / "tokenizer_2"),
+        )
+        self.scheduler_config = EulerAncestralDiscreteScheduler.load_config(bundle_dir / "scheduler")
+        self.runner = runner
+        self.prompts = prompts or PromptLibrary.load()
+
+    # -- the algorithm, in the order StableDiffusionXLPipeline.__call__ runs it ------------------------
+    def __call__(
+        self, request: ImageRequest, on_step: Callable[[int, int], None] | None = None
+    ) -> ImageResult:
+        self.check_inputs(request)
+        timings = Timings()
+        prompt = self.prompts.build(request)
+        seed = request.resolved_seed()
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with timings.stage("text_encoders"):
+            prompt_embeds, pooled, truncated = self.encode_prompt(prompt.text)
+        scheduler = EulerAncestralDiscreteScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(request.steps)
+        scheduler.set_begin_index(0)
+        latents = self.prepare_latents(request.height, request.width, generator, scheduler.init_noise_sigma)
+        time_ids = np.array(
+            [[request.height, request.width, 0, 0, request.height, request.width]], np.float32
+        )
+        with timings.stage("unet"):
+            for i, t in enumerate(scheduler.timesteps):
+                model_input = scheduler.scale_model_input(latents, t)
+                noise_pred = self.runner.run(
+                    "unet",
+                    {
+                        "sample": model_input.numpy(),
+                        "timestep": np.full((1, 1), float(t), np.float32),
+                        "encoder_hidden_states": prompt_embeds,
+                        "text_embeds": pooled,
+                        "time_ids": time_ids,
+                    },
+                )["noise_pred"]
+                latents = scheduler.step(
+                    torch.from_numpy(noise_pred), t, latents, generator=generator, return_dict=False
+                )[0]
+                if on_step is not None:
+                    on_step(i + 1, len(scheduler.timesteps))
+        with timings.stage("vae_decoder"):
+            pixels = self.runner.run("vae_decoder", {"latent": latents.numpy()})["image"][0]
+        metadata = self.describe(request, prompt, seed, truncated)
+        with timings.stage("encode"):
+            data = encode_image(pixels, request.format, metadata)
+        # Timings vary run to run, so they go in the response metadata but not into the file: the same
+        # request must give the same bytes.
+        return ImageResult(data, request.format, {**metadata, "timings_ms": timings.ms}, pixels)
+
+    def check_inputs(self, request: ImageRequest) -> None:
+        stride = self.dims.pixel_stride
+        for name in ("width", "height"):
+            value = getattr(request, name)
+            if value % stride:
+                raise RequestError(name, value, f"a multiple of {stride} (this model's pixel stride)")
+
+    def encode_prompt(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Both CLIP encoders, concurrently: penultimate hidden states concatenated, pooled from the 2nd."""
+        ids = []
+        truncated = False
+        for tokenizer in self.tokenizers:
+            tokens = tokenizer(
+                text,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="np",
+            ).input_ids.astype(np.int64)
+            truncated |= len(tokenizer(text).input_ids) > tokenizer.model_max_length
+            ids.append(tokens)
+        out_1, out_2 = self.runner.run_many(
+            [("text_encoder", {"input_ids": ids[0]}), ("text_encoder_2", {"input_ids": ids[1]})]
+        )
+        embeds = np.concatenate([out_1["hidden_states"], out_2["hidden_states"]], axis=-1)
+        return embeds, out_2["text_embeds"], truncated
+
+    def prepare_latents(
+        self, height: int, width: int, generator: torch.Generator, sigma: Any
+    ) -> torch.Tensor:
+        factor = self.dims.vae_scale_factor
+        shape = (1, self.dims.latent_channels, height // factor, width // factor)
+        return (
+            randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32) * sigma
+        )
+
+    def describe(self, request: ImageRequest, prompt: Prompt, seed: int, truncated: bool) -> dict[str, Any]:
+        """The generation facts that travel with the image (and inside the file)."""
+        return {
+            "ai_generated": True,
+            "generator": f"birdgen {birdgen.__version__}",
+            "model_version": self.model_version,
+            "species": request.species,
+            "scientific_name": request.scientific_name,
+            "species_id": request.species_id,
+            "family": request.family,
+            "lora": None,
+            "prompt": prompt.text,
+            "negative_prompt": prompt.negative,
+            "prompt_truncated": truncated,
+            "seed": seed,
+            "seed_derived": request.seed is None,
+            "steps": request.steps,
+            "guidance_scale": 0.0,
+            "scheduler": "EulerAncestralDiscreteScheduler (trailing)",
+            "width": request.width,
+            "height": request.height,
+            "format": request.format,
+            "request": json.loads(request.canonical_json()),
+        }

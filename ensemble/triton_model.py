@@ -1,0 +1,90 @@
+"""What the python-backend model.py files share, kept here so it is tested without a server.
+
+Every request gets exactly one response: a bad request becomes an INVALID_ARG error for that request
+alone (its batch-mates are unaffected), anything else an INTERNAL error with the cause.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from birdgen.engines import Engine, engine_kind
+from birdgen.model_folder import ModelDims
+from birdgen.schema import RequestError
+from birdgen.stages import StageSpec, stage_specs
+
+
+def error_response(pb: Any, exc: BaseException) -> Any:
+    if isinstance(exc, RequestError):
+        return pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+    pb.Logger.log_error(f"birdgen: {''.join(traceback.format_exception(exc))}")
+    return pb.InferenceResponse(error=pb.TritonError(f"internal error: {exc}", pb.TritonError.INTERNAL))
+
+
+def bytes_tensor(pb: Any, name: str, value: bytes | str) -> Any:
+    data = value.encode() if isinstance(value, str) else value
+    return pb.Tensor(name, np.array([data], dtype=np.object_))
+
+
+def read_bytes(pb: Any, request: Any, name: str) -> bytes:
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise RequestError(name, None, "a JSON request string")
+    value = tensor.as_numpy().reshape(-1)[0]
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def respond_each(pb: Any, requests: Sequence[Any], handle: Callable[[Any], list[Any]]) -> list[Any]:
+    """One response per request, in order; `handle` returns the output tensors of one request."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb.InferenceResponse(output_tensors=handle(request)))
+        except Exception as exc:
+            responses.append(error_response(pb, exc))
+    return responses
+
+
+def instance_device(args: dict[str, str]) -> str:
+    return f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
+
+
+def load_stage(args: dict[str, str]) -> tuple[StageSpec, Engine]:
+    """The stage spec and engine for a stage model, from its config parameters and the repo manifest."""
+    config = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    model_dir = Path(args["model_repository"])
+    manifest = json.loads((model_dir.parent / "manifest.json").read_text())
+    spec = stage_specs(ModelDims.from_dict(manifest["dims"]))[params["stage"]]
+    engine = engine_kind(params["engine"]).load(
+        spec, model_dir / args["model_version"], instance_device(args)
+    )
+    return spec, engine
+
+
+def run_batched(pb: Any, spec: StageSpec, engine: Engine, requests: Sequence[Any]) -> list[Any]:
+    """Run the requests the dynamic batcher merged as one engine call, then split the outputs back."""
+    try:
+        per_request = [
+            {t.name: pb.get_input_tensor_by_name(r, t.name).as_numpy() for t in spec.inputs} for r in requests
+        ]
+        sizes = [len(inputs[spec.inputs[0].name]) for inputs in per_request]
+        merged = {t.name: np.concatenate([inputs[t.name] for inputs in per_request]) for t in spec.inputs}
+        outputs = engine.infer(merged)
+    except Exception as exc:
+        return [error_response(pb, exc) for _ in requests]
+    responses, offset = [], 0
+    for size in sizes:
+        tensors = [
+            pb.Tensor(t.name, np.ascontiguousarray(outputs[t.name][offset : offset + size]))
+            for t in spec.outputs
+        ]
+        responses.append(pb.InferenceResponse(output_tensors=tensors))
+        offset += size
+    return responses

@@ -1,0 +1,208 @@
+"""`birdgen export`: a diffusers SDXL folder -> a complete Triton model repository.
+
+For each stage: build the engine from its torch module, check the engine against torch on random
+inputs at two sizes (the max error goes into the manifest), write config.pbtxt. The entry model gets
+the tokenizers, the scheduler config and a pipeline.json with everything it needs to run without the
+source folder. A stage whose inputs (source files, engine settings, birdgen's export code, library
+versions) are unchanged and whose files still match the manifest is skipped, so re-runs are fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import birdgen
+from birdgen.engines import engine_kind
+from birdgen.model_folder import ModelDims, check_model_folder
+from birdgen.stages import StageSpec, image_sizes, stage_specs
+
+ENTRY_MODEL = "bird_image"
+MANIFEST = "manifest.json"
+PIPELINE_FILE = "pipeline.json"
+MODEL_PY_DIR = Path(__file__).resolve().parent.parent / "model_repository"
+# Copied into the entry model so the repository is self-contained.
+ENTRY_PARTS = ("tokenizer", "tokenizer_2", "scheduler")
+# An engine may differ from torch by float reordering only; anything above this is an export bug.
+CHECK_TOLERANCE = {"FP32": 1e-3, "UINT8": 1}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tree_hashes(root: Path, base: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(base)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "diffusers", "transformers", "onnx", "onnxruntime")
+    return {n: metadata.version(n) for n in names} | {"birdgen": birdgen.__version__}
+
+
+def stage_key(stage: str, source_parts: Iterable[Path], kind_name: str, settings: dict[str, Any]) -> str:
+    """What a stage's artifacts are a function of; equal keys mean the export can be skipped."""
+    code = Path(__file__).resolve().parent
+    payload = {
+        "stage": stage,
+        "kind": kind_name,
+        "settings": settings,
+        "versions": _versions(),
+        "sources": {str(p): _tree_hashes(p, p) for p in source_parts},
+        "code": {name: sha256_file(code / name) for name in ("modules.py",)}
+        | {"engines": _tree_hashes(Path(birdgen.__file__).parent / "engines", Path(birdgen.__file__).parent)},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _max_abs_error(spec: StageSpec, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    worst = 0.0
+    for tensor in spec.outputs:
+        diff = np.abs(got[tensor.name].astype(np.float64) - want[tensor.name].astype(np.float64)).max()
+        if diff > CHECK_TOLERANCE[tensor.dtype]:
+            raise RuntimeError(
+                f"{spec.name}: engine output '{tensor.name}' differs from torch by {diff:g} "
+                f"(tolerance {CHECK_TOLERANCE[tensor.dtype]})"
+            )
+        worst = max(worst, float(diff))
+    return worst
+
+
+def check_engine(spec: StageSpec, module: Any, engine: Any, dims: ModelDims) -> float:
+    """Max |engine - torch| over random inputs at two batch sizes and two spatial sizes."""
+    import torch
+
+    worst = 0.0
+    for batch, (lh, lw) in ((1, (64, 64)), (2, (32, 48))):
+        sample = spec.sample_inputs(batch, image_sizes(dims, lh, lw), dims.vocab_size, seed=batch)
+        with torch.no_grad():
+            outs = module(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
+        want = {t.name: o.numpy() for t, o in zip(spec.outputs, outs, strict=True)}
+        worst = max(worst, _max_abs_error(spec, engine.infer(sample), want))
+    return worst
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def export_repository(
+    model_dir: Path,
+    out: Path,
+    engine: str = "onnxruntime",
+    entry_instances: int = 4,
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export every stage of `model_dir` into the Triton repository `out`; return the manifest."""
+    import time
+
+    from birdgen.export.modules import STAGE_PARTS, stage_module
+    from birdgen.export.triton_config import stage_config, to_pbtxt
+
+    model_dir, out = Path(model_dir).resolve(), Path(out)
+    check_model_folder(model_dir)
+    dims = ModelDims.from_folder(model_dir)
+    kind = engine_kind(engine)
+    old = _read_manifest(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, Any] = {}
+    for spec in stage_specs(dims).values():
+        start = time.perf_counter()
+        version_dir = out / spec.name / "1"
+        key = stage_key(spec.name, [model_dir / p for p in STAGE_PARTS[spec.name]], kind.name, kind.settings)
+        previous = old.get("stages", {}).get(spec.name, {})
+        if not force and previous.get("key") == key and _files_intact(out, previous.get("files", {})):
+            stages[spec.name] = previous
+            progress(f"{spec.name}: up to date, skipped")
+            continue
+        progress(f"{spec.name}: exporting ({kind.name})")
+        if version_dir.exists():
+            shutil.rmtree(version_dir)
+        version_dir.mkdir(parents=True)
+        module = stage_module(model_dir, spec.name)
+        sample = spec.sample_inputs(2, image_sizes(dims, 64, 64), dims.vocab_size)
+        kind.build(spec, module, sample, version_dir)
+        error = check_engine(spec, module, kind.load(spec, version_dir), dims)
+        shutil.copy(MODEL_PY_DIR / "stage" / "model.py", version_dir / "model.py")
+        _write(
+            out / spec.name / "config.pbtxt", to_pbtxt(stage_config(spec, dims, kind.triton_hosting(spec)))
+        )
+        stages[spec.name] = {"key": key, "max_abs_error": error, "files": _tree_hashes(out / spec.name, out)}
+        seconds = time.perf_counter() - start
+        progress(f"{spec.name}: done in {seconds:.1f}s, max |engine - torch| = {error:.3g}")
+
+    keys = "".join(s["key"] for s in stages.values())
+    model_version = f"{model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
+    _write_entry(out, model_dir, dims, model_version, engine, entry_instances)
+    manifest = {
+        "birdgen_version": birdgen.__version__,
+        "model_version": model_version,
+        "source": str(model_dir),
+        "engine": kind.name,
+        "dims": dims.to_dict(),
+        "versions": _versions(),
+        "stages": stages,
+        "files": {k: v for k, v in _tree_hashes(out, out).items() if k != MANIFEST},
+    }
+    _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _write_entry(
+    out: Path, model_dir: Path, dims: ModelDims, model_version: str, engine: str, instances: int
+) -> None:
+    from birdgen.export.triton_config import entry_config, to_pbtxt
+
+    version_dir = out / ENTRY_MODEL / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for part in ENTRY_PARTS:
+        if (version_dir / part).exists():
+            shutil.rmtree(version_dir / part)
+        shutil.copytree(model_dir / part, version_dir / part)
+    shutil.copy(MODEL_PY_DIR / ENTRY_MODEL / "model.py", version_dir / "model.py")
+    pipeline = {
+        "model_version": model_version,
+        "engine": engine,
+        "dims": dims.to_dict(),
+        "stages": list(stage_specs(dims)),
+    }
+    _write(version_dir / PIPELINE_FILE, json.dumps(pipeline, indent=2, sort_keys=True) + "\n")
+    _write(out / ENTRY_MODEL / "config.pbtxt", to_pbtxt(entry_config(ENTRY_MODEL, instances)))
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    path = out / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _files_intact(out: Path, files: dict[str, str]) -> bool:
+    return bool(files) and all(
+        (out / rel).is_file() and sha256_file(out / rel) == sha for rel, sha in files.items()
+    )
+
+
+def verify_manifest(repo: Path) -> list[str]:
+    """Files whose checksum differs from the manifest (missing ones included); empty when intact."""
+    manifest = _read_manifest(Path(repo))
+    return [
+        rel
+        for rel, sha in manifest.get("files", {}).items()
+        if not (Path(repo) / rel).is_file() or sha256_file(Path(repo) / rel) != sha
+    ]

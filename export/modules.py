@@ -1,0 +1,98 @@
+"""The torch modules behind each stage contract: the diffusers/transformers model plus the thin glue
+that makes its forward match `birdgen.stages` (named tensors in, named tensors out).
+
+The glue does exactly what StableDiffusionXLPipeline does around each model call, so an engine built
+from these modules and driven by birdgen's scheduler reproduces the pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from birdgen.model_folder import load_part
+
+
+class TextEncoder(torch.nn.Module):
+    """CLIP text encoder -> penultimate hidden states (SDXL's clip-skip of 1), plus the pooled
+    projection for CLIPTextModelWithProjection."""
+
+    def __init__(self, model: torch.nn.Module, pooled: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids, output_hidden_states=True)
+        hidden = out.hidden_states[-2]
+        return (hidden, out[0]) if self.pooled else (hidden,)
+
+
+class UNet(torch.nn.Module):
+    """SDXL UNet with one timestep per batch item, so requests at different steps batch together."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        noise = self.model(
+            sample,
+            timestep.reshape(-1),
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        return (noise,)
+
+
+class VaeDecoder(torch.nn.Module):
+    """Latents -> uint8 HWC pixels: the pipeline's unscaling, decode and VaeImageProcessor.postprocess."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        channels = config.latent_channels
+        self.register_buffer("latents_mean", torch.tensor(mean or [0.0] * channels).view(1, channels, 1, 1))
+        self.register_buffer("latents_std", torch.tensor(std or [1.0] * channels).view(1, channels, 1, 1))
+        self.scaling_factor = float(config.scaling_factor)
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
+        latent = latent * self.latents_std / self.scaling_factor + self.latents_mean
+        image = self.vae.decode(latent, return_dict=False)[0]
+        image = (image * 0.5 + 0.5).clamp(0, 1)
+        pixels = (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+        return (pixels,)
+
+
+def stage_module(model_dir: Path, stage: str) -> torch.nn.Module:
+    """Build the torch module for `stage` from a diffusers folder."""
+    if stage == "text_encoder":
+        return TextEncoder(load_part(model_dir, "text_encoder"), pooled=False).eval()
+    if stage == "text_encoder_2":
+        return TextEncoder(load_part(model_dir, "text_encoder_2"), pooled=True).eval()
+    if stage == "unet":
+        return UNet(load_part(model_dir, "unet")).eval()
+    if stage == "vae_decoder":
+        return VaeDecoder(load_part(model_dir, "vae")).eval()
+    raise ValueError(f"unknown stage {stage!r}; allowed: text_encoder, text_encoder_2, unet, vae_decoder")
+
+
+# Which folder parts each stage is built from (their files key the export cache).
+STAGE_PARTS = {
+    "text_encoder": ("text_encoder",),
+    "text_encoder_2": ("text_encoder_2",),
+    "unet": ("unet",),
+    "vae_decoder": ("vae",),
+}
