@@ -1,0 +1,68 @@
+"""Shared fixtures: one tiny model, one exported repository and one Triton server for the whole run.
+
+Built once per session (export ~30 s, server start a few seconds on 2 cores); tests that need a fresh
+server start their own on free ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from birdgen.server import TritonServer
+
+ROBIN = {
+    "species": "American Robin",
+    "scientific_name": "Turdus migratorius",
+    "species_id": "amerob",
+    "pose": "perched",
+    "season": "spring",
+    "lighting": "golden-hour",
+    "width": 256,
+    "height": 256,
+    "steps": 1,
+    "seed": 42,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from birdgen.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-sdxl-turbo")
+
+
+@pytest.fixture(scope="session")
+def repository(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from birdgen.export.exporter import export_repository
+
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    export_repository(tiny_model, repo, entry_instances=4, progress=lambda _: None)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(repository: Path) -> Iterator[TritonServer]:
+    with TritonServer(repository) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def local_pipeline(repository: Path):  # type: ignore[no-untyped-def]
+    """The same pipeline and engines, in-process: the sequential reference for served results."""
+    from birdgen.ensemble.pipeline import ImagePipeline
+    from birdgen.ensemble.runners import LocalRunner
+
+    return ImagePipeline(repository / "bird_image" / "1", LocalRunner(repository))
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_model: Path):  # type: ignore[no-untyped-def]
+    """diffusers' own StableDiffusionXLPipeline on the same folder: the ground truth."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,167 @@
+"""The served path: determinism, concurrency with batching, bad input, formats and metadata, restarts."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from birdgen.client import BirdClient, InvalidRequestError, ServerUnavailableError
+from birdgen.media import DIGITAL_SOURCE_TYPE, read_metadata
+from birdgen.schema import ImageRequest
+from birdgen.server import TritonServer, free_port
+from tests.conftest import ROBIN
+
+pytestmark = pytest.mark.triton
+
+
+def raw_infer(url: str, payload: str | bytes) -> tuple[bytes, dict]:
+    """Send a request as-is, bypassing the client's own validation."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    tensor = grpcclient.InferInput("request", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+    with grpcclient.InferenceServerClient(url) as client:
+        result = client.infer("bird_image", [tensor])
+    return result.as_numpy("image")[0], json.loads(result.as_numpy("metadata")[0])
+
+
+def test_served_bytes_equal_the_in_process_pipeline(server, local_pipeline) -> None:
+    """Same request -> same bytes, across processes (the server's cache is not what makes it so)."""
+    request = {**ROBIN, "seed": 7, "format": "webp"}
+    with BirdClient(server.grpc_url) as client:
+        served = client.generate_image(**request)
+    local_a = local_pipeline(ImageRequest(**request))
+    local_b = local_pipeline(ImageRequest(**request))
+    assert served.data == local_a.data == local_b.data
+    assert local_pipeline(ImageRequest(**{**request, "seed": 8})).data != served.data
+
+
+def unet_counts(url: str) -> tuple[int, int]:
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def test_eight_concurrent_requests_batch_in_the_unet_and_match_sequential(server, local_pipeline) -> None:
+    requests = [{**ROBIN, "seed": 100 + i, "steps": 4} for i in range(8)]
+    inferences_before, executions_before = unet_counts(server.grpc_url)
+
+    def generate(request: dict) -> bytes:
+        with BirdClient(server.grpc_url) as client:
+            return client.generate_image(**request).data
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        served = list(pool.map(generate, requests))
+    inferences, executions = unet_counts(server.grpc_url)
+    assert inferences - inferences_before == 8 * 4
+    # Fewer UNet executions than UNet inferences: concurrent requests shared UNet batches.
+    assert executions - executions_before < inferences - inferences_before
+    assert len(set(served)) == 8
+    for request, data in zip(requests, served, strict=True):
+        sequential = local_pipeline(ImageRequest(**request))
+        served_pixels = np.asarray(read_pixels(data), dtype=np.int16)
+        # Batched UNet runs may reorder float sums; at most one uint8 level, on few values.
+        diff = np.abs(served_pixels - sequential.pixels.astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
+
+
+def read_pixels(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+BAD_REQUESTS = [
+    ({**ROBIN, "pose": "upside-down"}, "pose", "perched"),
+    ({**ROBIN, "season": "monsoon"}, "season", "spring"),
+    ({**ROBIN, "style": "cubist"}, "style", "photo"),
+    ({**ROBIN, "lighting": "disco"}, "lighting", "golden-hour"),
+    ({**ROBIN, "family": "Dinosauria"}, "family", "Passeriformes"),
+    ({**ROBIN, "width": 4096}, "width", "2048"),
+    ({**ROBIN, "height": 200}, "height", "256"),
+    ({**ROBIN, "width": 500}, "width", "multiple of 64"),
+    ({**ROBIN, "steps": 9}, "steps", "1..4"),
+    ({**ROBIN, "steps": 0}, "steps", "1..4"),
+    ({**ROBIN, "species": "x" * 5000}, "species", "100"),
+    ({**ROBIN, "prompt": "p" * 20000}, "prompt", "1000"),
+    ({k: v for k, v in ROBIN.items() if k != "species"}, "species", "missing"),
+    ({**ROBIN, "format": "bmp"}, "format", "png"),
+    ({**ROBIN, "colour": "red"}, "colour", "species"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field", "hint"), BAD_REQUESTS, ids=[b[1] for b in BAD_REQUESTS])
+def test_bad_request_is_invalid_argument_naming_the_field_and_server_keeps_serving(
+    server, payload, field, hint
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        raw_infer(server.grpc_url, json.dumps(payload))
+    assert "INVALID_ARGUMENT" in str(caught.value.status())
+    message = caught.value.message()
+    assert repr(field) in message and hint in message
+    image, metadata = raw_infer(server.grpc_url, json.dumps({**ROBIN, "seed": 5}))
+    assert image[:8] == b"\x89PNG\r\n\x1a\n" and metadata["seed"] == 5
+
+
+def test_malformed_json_is_invalid_argument(server) -> None:
+    for payload in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        with pytest.raises(InferenceServerException) as caught:
+            raw_infer(server.grpc_url, payload)
+        assert "INVALID_ARGUMENT" in str(caught.value.status())
+        assert "'request'" in caught.value.message()
+
+
+def test_client_rejects_bad_request_before_sending() -> None:
+    # Nothing listens on this port: a local validation error proves nothing was sent.
+    with (
+        BirdClient(f"127.0.0.1:{free_port()}", timeout_s=5) as client,
+        pytest.raises(InvalidRequestError) as e,
+    ):
+        client.generate_image(**{**ROBIN, "pose": "upside-down"})
+    assert "'pose'" in str(e.value) and "perched" in str(e.value)
+
+
+def test_unreachable_server_is_a_typed_error_naming_the_url() -> None:
+    url = f"127.0.0.1:{free_port()}"
+    with BirdClient(url, timeout_s=5) as client, pytest.raises(ServerUnavailableError) as caught:
+        client.generate_image(**ROBIN)
+    assert caught.value.url == url and url in str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_each_format_carries_its_metadata_and_ai_label(server, fmt) -> None:
+    with BirdClient(server.grpc_url) as client:
+        image = client.generate_image(**{**ROBIN, "format": fmt, "width": 384})
+    assert image.format == fmt and image.image.format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[fmt]
+    assert image.image.size == (384, 256)
+    embedded = read_metadata(image.data)
+    assert embedded == {k: v for k, v in image.metadata.items() if k != "timings_ms"}
+    assert embedded["ai_generated"] is True and embedded["seed"] == 42 and embedded["format"] == fmt
+    assert "American Robin" in embedded["prompt"] and embedded["model_version"].startswith("tiny-sdxl-turbo-")
+    assert set(image.metadata["timings_ms"]) == {"text_encoders", "unet", "vae_decoder", "encode"}
+    assert DIGITAL_SOURCE_TYPE.encode() in image.data
+
+
+def test_expert_prompt_override_is_used_verbatim(server) -> None:
+    with BirdClient(server.grpc_url) as client:
+        image = client.generate_image(**ROBIN, prompt="a robin on a fence", negative_prompt="cats")
+    assert image.metadata["prompt"] == "a robin on a fence"
+    assert image.metadata["negative_prompt"] == "cats"
+
+
+def test_server_restarts_cleanly_and_serves_the_same_bytes(repository) -> None:
+    server = TritonServer(repository)
+    request = {**ROBIN, "seed": 99}
+    with server:
+        first = BirdClient(server.grpc_url).generate_image(**request).data
+    assert server.returncode == 0 and server.pid is None
+    with server:
+        second = BirdClient(server.grpc_url).generate_image(**request).data
+    assert server.returncode == 0
+    assert first == second
