@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
 from birdgen.client.errors import (
     BirdgenError,
     DeadlineExceededError,
@@ -22,8 +24,6 @@ from birdgen.client.errors import (
     InvalidRequestError,
     ServerUnavailableError,
 )
-from PIL import Image
-
 from birdgen.schema import ImageRequest, RequestError, parse_image_request
 
 IMAGE_MODEL = "bird_image"

@@ -23,10 +23,10 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
+
 from birdgen.ensemble.pipeline import ImagePipeline  # noqa: E402
 from birdgen.ensemble.runners import BlsRunner  # noqa: E402
 from birdgen.ensemble.triton_model import bytes_tensor, read_bytes, respond_each  # noqa: E402
-
 from birdgen.model_folder import ModelDims  # noqa: E402
 from birdgen.schema import parse_image_request  # noqa: E402
 from birdgen.stages import stage_specs  # noqa: E402

@@ -20,6 +20,7 @@ def _use_birdgen_site() -> None:
 _use_birdgen_site()
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
+
 from birdgen.ensemble.triton_model import load_stage, run_batched  # noqa: E402
 
 

@@ -1,0 +1,31 @@
+# birdgen: `make demo` and `make test` set up everything they need on a fresh machine.
+# The venv must use Python 3.11: Triton's python-backend stub embeds libpython3.11 and imports the
+# venv's compiled wheels (see docs/triton-python-backend.md).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.birdgen-installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "birdgen needs Python 3.11 (Triton python-backend stub)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[models,dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/birdgen demo --out outputs
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,110 @@
+"""The `birdgen` command as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from birdgen.media import read_metadata
+from birdgen.server import free_port
+
+BIRDGEN = [sys.executable, "-m", "birdgen.cli"]
+ROBIN_ARGS = [
+    "--species",
+    "American Robin",
+    "--scientific-name",
+    "Turdus migratorius",
+    "--pose",
+    "perched",
+    "--season",
+    "spring",
+    "--seed",
+    "42",
+    "--steps",
+    "1",
+    "--width",
+    "256",
+    "--height",
+    "256",
+]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BIRDGEN, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.triton
+def test_generate_image_writes_the_file_and_prints_metadata(server, tmp_path: Path) -> None:
+    out = tmp_path / "robin.png"
+    done = run("generate", "image", "--url", server.grpc_url, *ROBIN_ARGS, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["seed"] == 42 and printed["species"] == "American Robin"
+    assert read_metadata(out.read_bytes())["prompt"] == printed["prompt"]
+
+
+@pytest.mark.triton
+def test_generate_with_prompt_override(server, tmp_path: Path) -> None:
+    out = tmp_path / "robin.webp"
+    done = run(
+        "generate",
+        "image",
+        "--url",
+        server.grpc_url,
+        *ROBIN_ARGS,
+        "--format",
+        "webp",
+        "--prompt",
+        "a robin singing",
+        "--negative-prompt",
+        "cats",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    assert read_metadata(out.read_bytes())["prompt"] == "a robin singing"
+
+
+def test_bad_value_is_one_line_naming_the_field(tmp_path: Path) -> None:
+    done = run(
+        "generate",
+        "image",
+        "--url",
+        f"127.0.0.1:{free_port()}",
+        *ROBIN_ARGS,
+        "--pose",
+        "upside-down",
+        "--out",
+        str(tmp_path / "x.png"),
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "'pose'" in done.stderr and "perched" in done.stderr
+
+
+def test_unreachable_server_is_one_line_naming_the_url(tmp_path: Path) -> None:
+    url = f"127.0.0.1:{free_port()}"
+    done = run(
+        "generate", "image", "--url", url, *ROBIN_ARGS, "--timeout", "5", "--out", str(tmp_path / "x.png")
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert url in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_export_of_a_folder_missing_a_part_names_it(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("vae"))
+    done = run("export", "--model-dir", str(broken), "--out", str(tmp_path / "repo"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "'vae'" in done.stderr
+
+
+def test_unknown_engine_kind_lists_the_allowed_ones(tiny_model: Path, tmp_path: Path) -> None:
+    done = run("export", "--model-dir", str(tiny_model), "--out", str(tmp_path / "repo"), "--engine", "magic")
+    assert done.returncode == 2 and "onnxruntime" in done.stderr and "Traceback" not in done.stderr
