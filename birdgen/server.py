@@ -15,8 +15,6 @@ import atexit
 import contextlib
 import dataclasses
 import functools
-import importlib.metadata
-import importlib.util
 import os
 import re
 import shutil
@@ -107,6 +105,9 @@ _issued_ports: set[int] = set()
 @functools.cache
 def triton_install() -> TritonInstall:
     """Locate Triton inside the installed ``pytriton`` package (without importing it: that is slow)."""
+    import importlib.metadata  # lazily: keeps `import birdgen.server` cheap
+    import importlib.util
+
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise TritonServerError(
@@ -282,7 +283,7 @@ class TritonServer:
     def pid(self) -> int | None:
         """The server's pid while it runs (also its process-group id), else None."""
         proc = self._process
-        if proc is None or proc.returncode is not None or _wait_exit_unreaped(proc.pid, 0.0):
+        if proc is None or proc.returncode is not None or _exit_status(proc.pid) is not None:
             return None
         return proc.pid
 
@@ -329,14 +330,19 @@ class TritonServer:
             self._log_offset = self._log.tell()  # error tails show this run only
             self._shm_prefix = f"birdgen_{uuid.uuid4().hex[:12]}_"
             self.returncode = None
-            self._process = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                env=server_environment(),
-                start_new_session=True,  # own process group: stop() signals it alone, Ctrl-C does not
-            )
+            try:
+                self._process = subprocess.Popen(
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=self._log,
+                    stderr=subprocess.STDOUT,
+                    env=server_environment(),
+                    start_new_session=True,  # own process group: stop() signals it alone, Ctrl-C does not
+                )
+            except OSError as exc:
+                self._log.close()
+                self._log = None
+                raise TritonServerError(f"could not run {install.binary}: {exc}") from exc
             _running.add(self)
         try:
             self._wait_ready(timeout)

@@ -22,6 +22,7 @@ import numpy as np
 import birdgen
 from birdgen.engines import engine_kind
 from birdgen.model_folder import ModelDims, check_model_folder
+from birdgen.server import MODEL_BOOTSTRAP
 from birdgen.stages import StageSpec, image_sizes, stage_specs
 
 ENTRY_MODEL = "bird_image"
@@ -29,6 +30,7 @@ MANIFEST = "manifest.json"
 PIPELINE_FILE = "pipeline.json"
 MODEL_PY_DIR = Path(__file__).resolve().parent.parent / "model_repository"
 # Copied into the entry model so the repository is self-contained.
+BOOTSTRAP_MARKER = "# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)"
 ENTRY_PARTS = ("tokenizer", "tokenizer_2", "scheduler")
 # An engine may differ from torch by float reordering only; anything above this is an export bug.
 CHECK_TOLERANCE = {"FP32": 1e-3, "UINT8": 1}
@@ -97,6 +99,16 @@ def check_engine(spec: StageSpec, module: Any, engine: Any, dims: ModelDims) -> 
     return worst
 
 
+def write_model_py(template: str, version_dir: Path) -> Path:
+    """model_repository/<template>/model.py with the venv bootstrap the python-backend stub needs."""
+    text = (MODEL_PY_DIR / template / "model.py").read_text()
+    if BOOTSTRAP_MARKER not in text:
+        raise RuntimeError(f"model_repository/{template}/model.py lacks the line {BOOTSTRAP_MARKER!r}")
+    path = version_dir / "model.py"
+    path.write_text(text.replace(BOOTSTRAP_MARKER, MODEL_BOOTSTRAP.rstrip("\n")))
+    return path
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -128,25 +140,26 @@ def export_repository(
         version_dir = out / spec.name / "1"
         key = stage_key(spec.name, [model_dir / p for p in STAGE_PARTS[spec.name]], kind.name, kind.settings)
         previous = old.get("stages", {}).get(spec.name, {})
-        if not force and previous.get("key") == key and _files_intact(out, previous.get("files", {})):
+        if not force and previous.get("key") == key and _files_intact(out, previous.get("artifacts", {})):
             stages[spec.name] = previous
             progress(f"{spec.name}: up to date, skipped")
-            continue
-        progress(f"{spec.name}: exporting ({kind.name})")
-        if version_dir.exists():
-            shutil.rmtree(version_dir)
-        version_dir.mkdir(parents=True)
-        module = stage_module(model_dir, spec.name)
-        sample = spec.sample_inputs(2, image_sizes(dims, 64, 64), dims.vocab_size)
-        kind.build(spec, module, sample, version_dir)
-        error = check_engine(spec, module, kind.load(spec, version_dir), dims)
-        shutil.copy(MODEL_PY_DIR / "stage" / "model.py", version_dir / "model.py")
-        _write(
-            out / spec.name / "config.pbtxt", to_pbtxt(stage_config(spec, dims, kind.triton_hosting(spec)))
-        )
-        stages[spec.name] = {"key": key, "max_abs_error": error, "files": _tree_hashes(out / spec.name, out)}
-        seconds = time.perf_counter() - start
-        progress(f"{spec.name}: done in {seconds:.1f}s, max |engine - torch| = {error:.3g}")
+        else:
+            progress(f"{spec.name}: exporting ({kind.name})")
+            if version_dir.exists():
+                shutil.rmtree(version_dir)
+            version_dir.mkdir(parents=True)
+            module = stage_module(model_dir, spec.name)
+            sample = spec.sample_inputs(2, image_sizes(dims, 64, 64), dims.vocab_size)
+            artifacts = kind.build(spec, module, sample, version_dir)
+            error = check_engine(spec, module, kind.load(spec, version_dir), dims)
+            hashes = {str(p.relative_to(out)): sha256_file(p) for p in artifacts}
+            stages[spec.name] = {"key": key, "max_abs_error": error, "artifacts": hashes}
+            seconds = time.perf_counter() - start
+            progress(f"{spec.name}: done in {seconds:.1f}s, max |engine - torch| = {error:.3g}")
+        # Cheap and derived from code, not from the engine: always rewritten so they never go stale.
+        write_model_py("stage", version_dir)
+        config = stage_config(spec, dims, kind.triton_hosting(spec))
+        _write(out / spec.name / "config.pbtxt", to_pbtxt(config))
 
     keys = "".join(s["key"] for s in stages.values())
     model_version = f"{model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
@@ -176,7 +189,7 @@ def _write_entry(
         if (version_dir / part).exists():
             shutil.rmtree(version_dir / part)
         shutil.copytree(model_dir / part, version_dir / part)
-    shutil.copy(MODEL_PY_DIR / ENTRY_MODEL / "model.py", version_dir / "model.py")
+    write_model_py(ENTRY_MODEL, version_dir)
     pipeline = {
         "model_version": model_version,
         "engine": engine,

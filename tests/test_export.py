@@ -115,10 +115,12 @@ def test_reexport_skips_unchanged_stages_and_redoes_a_damaged_one(
     onnx = repo / "text_encoder" / "1" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-10])
     assert verify_manifest(repo) == ["text_encoder/1/model.onnx"]
+    (repo / "unet" / "1" / "model.py").write_text("stale")
     messages.clear()
     export_repository(tiny_model, repo, progress=messages.append)
     assert [m.split(":")[0] for m in messages if "exporting" in m] == ["text_encoder"]
     assert verify_manifest(repo) == []
+    assert "TritonPythonModel" in (repo / "unet" / "1" / "model.py").read_text()  # stale code rewritten
 
 
 def test_real_sdxl_layout_loads_fp16_variant_weights(tiny_model: Path, tmp_path: Path) -> None:

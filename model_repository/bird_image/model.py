@@ -4,32 +4,19 @@ Thin adapter over birdgen.ensemble.pipeline.ImagePipeline, which runs the denois
 engine stages through BLS (so their dynamic batchers merge concurrent requests).
 """
 
-import os
-import site
-import sys
+# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
 
+import json
+from pathlib import Path
 
-def _use_birdgen_site() -> None:
-    """The python-backend stub ignores PYTHONPATH; BIRDGEN_SITE names the venv's site-packages."""
-    before = list(sys.path)
-    for path in filter(None, os.environ.get("BIRDGEN_SITE", "").split(os.pathsep)):
-        site.addsitedir(path)
-    sys.path[:] = [p for p in sys.path if p not in before] + before
+import triton_python_backend_utils as pb_utils
 
-
-_use_birdgen_site()
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from birdgen.ensemble.pipeline import ImagePipeline  # noqa: E402
-from birdgen.ensemble.runners import BlsRunner  # noqa: E402
-from birdgen.ensemble.triton_model import bytes_tensor, read_bytes, respond_each  # noqa: E402
-from birdgen.model_folder import ModelDims  # noqa: E402
-from birdgen.schema import parse_image_request  # noqa: E402
-from birdgen.stages import stage_specs  # noqa: E402
+from birdgen.ensemble.pipeline import ImagePipeline
+from birdgen.ensemble.runners import BlsRunner
+from birdgen.ensemble.triton_model import bytes_tensor, read_bytes, respond_each
+from birdgen.model_folder import ModelDims
+from birdgen.schema import parse_image_request
+from birdgen.stages import stage_specs
 
 
 class TritonPythonModel:

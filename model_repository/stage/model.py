@@ -4,24 +4,11 @@ Thin adapter: the stage and engine kind come from config.pbtxt parameters; the l
 birdgen.ensemble.triton_model.
 """
 
-import os
-import site
-import sys
+# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
 
+import triton_python_backend_utils as pb_utils
 
-def _use_birdgen_site() -> None:
-    """The python-backend stub ignores PYTHONPATH; BIRDGEN_SITE names the venv's site-packages."""
-    before = list(sys.path)
-    for path in filter(None, os.environ.get("BIRDGEN_SITE", "").split(os.pathsep)):
-        site.addsitedir(path)
-    sys.path[:] = [p for p in sys.path if p not in before] + before
-
-
-_use_birdgen_site()
-
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from birdgen.ensemble.triton_model import load_stage, run_batched  # noqa: E402
+from birdgen.ensemble.triton_model import load_stage, run_batched
 
 
 class TritonPythonModel:
