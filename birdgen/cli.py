@@ -193,12 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Weight-loading bars, exporter internals and deprecation notices from the libraries would bury
+    birdgen's own progress lines; errors still show."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="# The axis name")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from birdgen.client.errors import BirdgenError
     from birdgen.model_folder import ModelFolderError
     from birdgen.server import TritonServerError
 
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return int(args.run(args))
     except (BirdgenError, ModelFolderError, TritonServerError, ValueError, OSError) as exc:

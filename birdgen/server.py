@@ -26,8 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -265,6 +263,7 @@ class TritonServer:
         self._log: IO[bytes] | None = None
         self._log_offset = 0
         self._shm_prefix = ""
+        self._temp_log = False  # log_file was made by us: removed after a clean exit
         self._lock = threading.RLock()
 
     @property
@@ -321,10 +320,10 @@ class TritonServer:
                 raise TritonServerError(f"model repository {self.model_repository} is not a directory")
             install = triton_install()
             _check_stub_libraries(install)
-            if self.log_file is None:
+            if self.log_file is None or self._temp_log:
                 fd, name = tempfile.mkstemp(prefix="birdgen-triton-", suffix=".log")
                 os.close(fd)
-                self.log_file = Path(name)
+                self.log_file, self._temp_log = Path(name), True
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_file.open("ab")
             self._log_offset = self._log.tell()  # error tails show this run only
@@ -369,9 +368,12 @@ class TritonServer:
 
     def is_ready(self, timeout: float = 1.0) -> bool:
         """GET /v2/health/ready; False on any connection error (proxies bypassed: it is localhost)."""
-        request = urllib.request.Request(f"http://{self.http_url}/v2/health/ready")
+        import urllib.error  # lazily: keeps `import birdgen.server` cheap
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
-            with _NO_PROXY_OPENER.open(request, timeout=timeout) as response:
+            with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=timeout) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -421,6 +423,8 @@ class TritonServer:
                 self._log.close()
                 self._log = None
             self._remove_shm_regions()
+            if self._temp_log and self.returncode == 0 and self.log_file is not None:
+                self.log_file.unlink(missing_ok=True)  # kept after failures: error messages point at it
             return self.returncode
 
     def _remove_shm_regions(self) -> None:
@@ -444,9 +448,6 @@ class TritonServer:
             f"TritonServer({str(self.model_repository)!r}, grpc={self.grpc_url}, http={self.http_url}, "
             f"pid={self.pid})"
         )
-
-
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _exit_status(pid: int) -> int | None:
@@ -515,6 +516,7 @@ def serve_forever(server: TritonServer, *, echo_log: bool = True) -> int:
         server.start()
     except KeyboardInterrupt:
         return 130
+    server._temp_log = False  # its path is printed below, so keep the log after exit
     print(
         f"Triton ready: grpc={server.grpc_url} http={server.http_url} metrics={server.metrics_url}\n"
         f"model repository: {server.model_repository}\nlog: {server.log_file}  (Ctrl-C to stop)",

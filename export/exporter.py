@@ -65,7 +65,7 @@ def stage_key(stage: str, source_parts: Iterable[Path], kind_name: str, settings
         "kind": kind_name,
         "settings": settings,
         "versions": _versions(),
-        "sources": {str(p): _tree_hashes(p, p) for p in source_parts},
+        "sources": {p.name: _tree_hashes(p, p) for p in source_parts},
         "code": {name: sha256_file(code / name) for name in ("modules.py",)}
         | {"engines": _tree_hashes(Path(birdgen.__file__).parent / "engines", Path(birdgen.__file__).parent)},
     }

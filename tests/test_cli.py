@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from birdgen.client import BirdClient
 from birdgen.media import read_metadata
 from birdgen.server import free_port
 
@@ -108,3 +111,40 @@ def test_export_of_a_folder_missing_a_part_names_it(tiny_model: Path, tmp_path: 
 def test_unknown_engine_kind_lists_the_allowed_ones(tiny_model: Path, tmp_path: Path) -> None:
     done = run("export", "--model-dir", str(tiny_model), "--out", str(tmp_path / "repo"), "--engine", "magic")
     assert done.returncode == 2 and "onnxruntime" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
+def test_serve_runs_until_signalled_then_stops_cleanly(repository: Path, signum: int) -> None:
+    ports = [free_port() for _ in range(3)]
+    serve = subprocess.Popen(
+        [
+            *BIRDGEN,
+            "serve",
+            "--model-repository",
+            str(repository),
+            "--grpc-port",
+            str(ports[0]),
+            "--http-port",
+            str(ports[1]),
+            "--metrics-port",
+            str(ports[2]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert "Triton ready" in serve.stdout.readline()
+        with BirdClient(f"127.0.0.1:{ports[0]}") as client:
+            assert (
+                client.generate_image(species="Blue Jay", width=256, height=256).metadata["species"]
+                == "Blue Jay"
+            )
+        serve.send_signal(signum)
+        assert serve.wait(timeout=60) == 0
+    finally:
+        serve.kill()
+    for port in ports:  # the server is gone, its ports are free again
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

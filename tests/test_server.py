@@ -125,8 +125,8 @@ def test_serves_python_model_from_the_venv_and_stops_cleanly(echo_repo: Path, tm
     assert "successfully loaded 'echo'" in log.read_text()
 
 
-def test_restart_on_same_repository_and_ports_even_after_a_kill(echo_repo: Path) -> None:
-    server = TritonServer(echo_repo).start()
+def test_restart_on_same_repository_and_ports_even_after_a_kill(echo_repo: Path, tmp_path: Path) -> None:
+    server = TritonServer(echo_repo, log_file=tmp_path / "triton.log").start()
     first_pid = server.pid
     assert first_pid is not None
     prefix = server._shm_prefix
@@ -142,14 +142,15 @@ def test_restart_on_same_repository_and_ports_even_after_a_kill(echo_repo: Path)
         assert server.stop() == 0
 
 
-def test_broken_model_fails_start_naming_the_model(echo_repo: Path) -> None:
+def test_broken_model_fails_start_naming_the_model(echo_repo: Path, tmp_path: Path) -> None:
     _write_model(echo_repo, "broken_model", BROKEN_MODEL)
-    server = TritonServer(echo_repo)
+    server = TritonServer(echo_repo, log_file=tmp_path / "triton.log")
     with pytest.raises(TritonServerError, match="broken_model") as excinfo:
         server.start(timeout=60)
     assert "broken on purpose" in str(excinfo.value)
     assert server.pid is None
     assert server.returncode not in (None, 0)
+    assert str(server.log_file) in str(excinfo.value)  # the message points at the full log
 
 
 def test_explicit_mode_loads_only_the_requested_models(echo_repo: Path) -> None:

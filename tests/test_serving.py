@@ -165,3 +165,16 @@ def test_server_restarts_cleanly_and_serves_the_same_bytes(repository) -> None:
         second = BirdClient(server.grpc_url).generate_image(**request).data
     assert server.returncode == 0
     assert first == second
+
+
+def test_repeated_request_is_answered_from_tritons_response_cache(server) -> None:
+    def cache_hits() -> int:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            stats = client.get_inference_statistics("bird_image", as_json=True)["model_stats"][0]
+        return int(stats["inference_stats"].get("cache_hit", {}).get("count", 0))
+
+    request = json.dumps({**ROBIN, "seed": 31337})
+    first = raw_infer(server.grpc_url, request)
+    hits = cache_hits()
+    assert raw_infer(server.grpc_url, request) == first
+    assert cache_hits() == hits + 1

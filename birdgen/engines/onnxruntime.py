@@ -8,6 +8,7 @@ native `onnxruntime_onnx` platform can serve the same model.onnx.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,6 +42,10 @@ class OnnxRuntimeEngine(Engine):
 def export_onnx(spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], path: Path) -> Path:
     """torch module -> ONNX file with the spec's names and dynamic axes (batch + named dims)."""
     import torch
+
+    # torch configures its loggers on import; its exporter warns on every export that torchvision
+    # (whose ops no SDXL stage uses) is absent.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
     dims: dict[str, Any] = {"batch": torch.export.Dim("batch", min=1, max=max(spec.max_batch_size, 2))}
     for name, (low, _, high) in spec.dynamic_axes.items():
