@@ -33,6 +33,20 @@ REQUEST_FIELDS = (
     "negative_prompt",
 )
 INT_FIELDS = {"width", "height", "steps", "seed"}
+# What `birdgen demo` asks for (the tests start from it too).
+DEMO_REQUEST = {
+    "species": "American Robin",
+    "scientific_name": "Turdus migratorius",
+    "species_id": "amerob",
+    "pose": "perched",
+    "season": "spring",
+    "lighting": "golden-hour",
+    "seed": 42,
+    "steps": 1,
+    "width": 512,
+    "height": 512,
+    "format": "png",
+}
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -110,24 +124,11 @@ def _demo(args: argparse.Namespace) -> int:
     check_model_folder(model_dir)
     repo = out / "model_repository"
     manifest = export_repository(model_dir, repo, progress=lambda m: print(f"[demo] export: {m}"))
-    request = {
-        "species": "American Robin",
-        "scientific_name": "Turdus migratorius",
-        "species_id": "amerob",
-        "pose": "perched",
-        "season": "spring",
-        "lighting": "golden-hour",
-        "seed": 42,
-        "steps": 1,
-        "width": 512,
-        "height": 512,
-        "format": "png",
-    }
     with TritonServer(repo) as server:
         print(f"[demo] tritonserver ready at {server.grpc_url} (model {manifest['model_version']})")
         with BirdClient(server.grpc_url) as client:
             start = time.perf_counter()
-            image = client.generate_image(**request)
+            image = client.generate_image(**DEMO_REQUEST)
             seconds = time.perf_counter() - start
     path = image.save(out / "american_robin.png")
     (out / "american_robin.json").write_text(json.dumps(image.metadata, indent=2, sort_keys=True) + "\n")

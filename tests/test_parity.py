@@ -28,6 +28,19 @@ def assert_close_to_reference(pixels: np.ndarray, reference: np.ndarray) -> None
     assert (diff > 0).mean() <= 1e-3, f"{(diff > 0).mean():.4%} of values differ"
 
 
+def diffusers_image(pipe, metadata: dict, seed: int) -> np.ndarray:
+    """What StableDiffusionXLPipeline draws for the served request's prompt, size and steps."""
+    image = pipe(
+        metadata["prompt"],
+        num_inference_steps=metadata["steps"],
+        guidance_scale=0.0,
+        width=metadata["width"],
+        height=metadata["height"],
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+    return np.asarray(image)
+
+
 @pytest.mark.parametrize(
     ("steps", "width", "height"),
     [(1, 512, 512), (4, 512, 512), (2, 384, 256)],
@@ -37,26 +50,11 @@ def test_served_image_matches_diffusers_pipeline(server, reference_pipeline, ste
     with BirdClient(server.grpc_url) as client:
         served = client.generate_image(**request)
     assert served.metadata["steps"] == steps and served.metadata["seed"] == request["seed"]
-    reference = reference_pipeline(
-        served.metadata["prompt"],
-        num_inference_steps=steps,
-        guidance_scale=0.0,
-        width=width,
-        height=height,
-        generator=torch.Generator("cpu").manual_seed(request["seed"]),
-    ).images[0]
     pixels = np.asarray(Image.open(io.BytesIO(served.data)).convert("RGB"))
-    assert_close_to_reference(pixels, np.asarray(reference))
+    assert_close_to_reference(pixels, diffusers_image(reference_pipeline, served.metadata, request["seed"]))
     # A different seed gives a different image: the comparison above is not trivially true.
-    other = reference_pipeline(
-        served.metadata["prompt"],
-        num_inference_steps=steps,
-        guidance_scale=0.0,
-        width=width,
-        height=height,
-        generator=torch.Generator("cpu").manual_seed(request["seed"] + 1),
-    ).images[0]
-    assert np.abs(pixels.astype(np.int16) - np.asarray(other, dtype=np.int16)).mean() > 5
+    other = diffusers_image(reference_pipeline, served.metadata, request["seed"] + 1)
+    assert np.abs(pixels.astype(np.int16) - other.astype(np.int16)).mean() > 5
 
 
 def test_derived_seed_matches_diffusers_with_that_seed(server, reference_pipeline) -> None:
@@ -64,12 +62,5 @@ def test_derived_seed_matches_diffusers_with_that_seed(server, reference_pipelin
     with BirdClient(server.grpc_url) as client:
         served = client.generate_image(**request)
     assert served.metadata["seed_derived"] is True
-    reference = reference_pipeline(
-        served.metadata["prompt"],
-        num_inference_steps=1,
-        guidance_scale=0.0,
-        width=ROBIN["width"],
-        height=ROBIN["height"],
-        generator=torch.Generator("cpu").manual_seed(served.metadata["seed"]),
-    ).images[0]
-    assert_close_to_reference(np.asarray(served.image.convert("RGB")), np.asarray(reference))
+    reference = diffusers_image(reference_pipeline, served.metadata, served.metadata["seed"])
+    assert_close_to_reference(np.asarray(served.image.convert("RGB")), reference)
