@@ -25,7 +25,6 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 FORMATS = ("png", "webp", "jpeg")
-MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 BIRDGEN_NS = "https://chirpneighbors.org/ns/birdgen/1.0/"

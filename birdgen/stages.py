@@ -54,9 +54,6 @@ class StageSpec:
     max_queue_delay_us: int = 0
     dynamic_axes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (min, opt, max)
 
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
-
     def sample_inputs(
         self, batch: int, sizes: dict[str, int], vocab_size: int, seed: int = 0
     ) -> dict[str, np.ndarray]:

@@ -101,12 +101,6 @@ class BirdClient:
             return DeadlineExceededError(f"no answer from {self.url} within {self.timeout_s:g}s")
         return GenerationError(f"{status or 'error'}: {message}")
 
-    def is_ready(self) -> bool:
-        try:
-            return bool(self._client.is_server_ready(client_timeout=5))
-        except Exception:
-            return False
-
     def close(self) -> None:
         self._client.close()
 

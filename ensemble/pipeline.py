@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +78,7 @@ class ImagePipeline:
         self.prompts = prompts or PromptLibrary.load()
 
     # -- the algorithm, in the order StableDiffusionXLPipeline.__call__ runs it ------------------------
-    def __call__(
-        self, request: ImageRequest, on_step: Callable[[int, int], None] | None = None
-    ) -> ImageResult:
+    def __call__(self, request: ImageRequest) -> ImageResult:
         self.check_inputs(request)
         timings = Timings()
         prompt = self.prompts.build(request)
@@ -96,7 +94,7 @@ class ImagePipeline:
             [[request.height, request.width, 0, 0, request.height, request.width]], np.float32
         )
         with timings.stage("unet"):
-            for i, t in enumerate(scheduler.timesteps):
+            for t in scheduler.timesteps:
                 model_input = scheduler.scale_model_input(latents, t)
                 noise_pred = self.runner.run(
                     "unet",
@@ -111,8 +109,6 @@ class ImagePipeline:
                 latents = scheduler.step(
                     torch.from_numpy(noise_pred), t, latents, generator=generator, return_dict=False
                 )[0]
-                if on_step is not None:
-                    on_step(i + 1, len(scheduler.timesteps))
         with timings.stage("vae_decoder"):
             pixels = self.runner.run("vae_decoder", {"latent": latents.numpy()})["image"][0]
         metadata = self.describe(request, prompt, seed, truncated)

@@ -47,16 +47,15 @@ class LocalRunner:
 class BlsRunner:
     """Triton BLS calls to the stage models (only importable inside the python backend)."""
 
-    def __init__(self, specs: Mapping[str, StageSpec], model_names: Mapping[str, str] | None = None) -> None:
+    def __init__(self, specs: Mapping[str, StageSpec]) -> None:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
         self.specs = specs
-        self.model_names = dict(model_names or {})
 
     def _request(self, stage: str, inputs: Mapping[str, np.ndarray]) -> Any:
         return self.pb.InferenceRequest(
-            model_name=self.model_names.get(stage, stage),
+            model_name=stage,
             requested_output_names=[t.name for t in self.specs[stage].outputs],
             inputs=[self.pb.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
         )
