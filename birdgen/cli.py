@@ -87,6 +87,27 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_forever(_server(args))
 
 
+def _models(args: argparse.Namespace) -> int:
+    from birdgen.client import BirdClient
+
+    if args.action != "list" and not args.name:
+        raise ValueError(f"models {args.action} needs a model name (see: birdgen models list)")
+    with BirdClient(args.url) as client:
+        if args.action == "load" and args.name.startswith("unet_"):
+            client.roll_out(args.name)  # the entry reloads too, so its response cache starts fresh
+        elif args.action == "load":
+            client.load_model(args.name)
+        elif args.action == "unload":
+            client.unload_model(args.name)
+        for model in client.list_models():
+            if args.action == "list" or model["name"] == args.name:
+                print(
+                    f"{model['name']:<28} {model['version'] or '-':>7}  {model['state']:<12} "
+                    f"{model['reason']}"
+                )
+    return 0
+
+
 def _request_fields(args: argparse.Namespace) -> dict[str, object]:
     return {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
 
@@ -140,6 +161,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_lora(args: argparse.Namespace) -> int:
+    """Flags map 1:1 onto TrainConfig fields; flags not given keep TrainConfig's defaults."""
+    from dataclasses import fields
+
+    from birdgen.training.config import TrainConfig
+    from birdgen.training.lora import train_lora
+
+    names = {f.name for f in fields(TrainConfig)}
+    settings = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    result = train_lora(TrainConfig(**settings))
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    print(
+        f"trained {args.family or 'all-families'} LoRA on {result.accepted} photos ({result.rejected} "
+        f"rejected, reasons in training_card.json): steps {result.start_step} -> {result.global_step}, "
+        f"final loss {loss}, {result.seconds:.0f} s; wrote {result.lora_path}"
+    )
+    return 0
+
+
 def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     for name in REQUEST_FIELDS:
         flag = "--" + name.replace("_", "-")
@@ -168,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bird_image instances: concurrent requests whose UNet calls can batch together",
     )
     p.add_argument("--force", action="store_true", help="re-export stages even when up to date")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FAMILY=PATH",
+        help="fuse a family LoRA into its own UNet (unet_<family>); repeat per family",
+    )
     p.set_defaults(run=_export)
 
     p = commands.add_parser("serve", help="run tritonserver on a model repository until SIGINT/SIGTERM")
@@ -176,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.set_defaults(run=_serve)
+
+    p = commands.add_parser("models", help="list, load or unload models on a running server")
+    p.add_argument("action", choices=("list", "load", "unload"))
+    p.add_argument("name", nargs="?", help="model name, e.g. unet_passeriformes (load/unload)")
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
+    p.set_defaults(run=_models)
 
     generate = commands.add_parser("generate", help="generate through a running server").add_subparsers(
         dest="kind", required=True
@@ -191,6 +244,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs"))
     p.add_argument("--model-dir", type=Path, help="a diffusers SDXL folder (default: build the tiny one)")
     p.set_defaults(run=_demo)
+    p = commands.add_parser(
+        "train-lora", help="train one family's LoRA on licensed photos (docs/training.md)"
+    )
+    from dataclasses import fields
+
+    from birdgen.training.config import LOGGERS, MIXED_PRECISION, TrainConfig
+
+    train_defaults = {f.name: f.default for f in fields(TrainConfig)}
+    p.add_argument("--model-dir", type=Path, required=True, help="the diffusers SDXL folder to adapt")
+    p.add_argument("--data", dest="data_dir", type=Path, required=True, help="photos + metadata.jsonl/csv")
+    p.add_argument("--output", dest="output_dir", type=Path, required=True)
+    p.add_argument("--family", help="train on this family group only (others are rejected)")
+    for flag, kind in (
+        ("rank", int), ("alpha", float), ("dropout", float), ("lr", float), ("warmup_steps", int),
+        ("max_steps", int), ("batch_size", int), ("grad_accum", int), ("max_grad_norm", float),
+        ("weight_decay", float), ("resolution", int), ("checkpoint_every", int), ("keep_checkpoints", int),
+        ("seed", int), ("num_workers", int), ("min_side", int), ("min_sharpness", float), ("jitter", float),
+    ):  # fmt: skip
+        default = "the resolution" if flag == "min_side" else train_defaults[flag]
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"default {default}")
+    p.add_argument(
+        "--mixed-precision", choices=MIXED_PRECISION, help=f"default {train_defaults['mixed_precision']}"
+    )
+    p.add_argument(
+        "--log-with", choices=LOGGERS, help=f"default {train_defaults['log_with']} (when installed)"
+    )
+    p.add_argument(
+        "--resume", nargs="?", const="latest", metavar="latest|PATH", help="continue from a checkpoint"
+    )
+    p.add_argument(
+        "--licence",
+        dest="licences",
+        action="append",
+        help=f"allowed licence, repeatable (default {', '.join(train_defaults['licences'])})",
+    )
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None)
+    p.add_argument("--no-random-crop", dest="random_crop", action="store_false", default=None)
+    p.set_defaults(run=_train_lora)
     return parser
 
 

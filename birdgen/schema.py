@@ -3,7 +3,7 @@
 The client, the HTTP gateway and the Triton models all import this module, so a request means the
 same thing everywhere: the same defaults, the same canonical form (cache key and derived seed) and
 the same error for the same mistake. Limits come from `data/limits.yaml`, vocabulary values
-(pose, season, ...) from `data/vocabulary.yaml`.
+(pose, season, ...) from `data/vocabulary.yaml`, family groups from `data/catalogue.yaml`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from birdgen.catalogue import Catalogue
 from birdgen.prompts import DATA_DIR, PromptLibrary, load_data_file
 
 DEFAULT_LIMITS = DATA_DIR / "limits.yaml"
@@ -115,7 +116,6 @@ class Limits(_Strict):
     formats: list[str] = Field(min_length=1)
     default_format: str
     format_aliases: dict[str, str] = Field(default_factory=dict)
-    families: list[str] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> Limits:
@@ -128,9 +128,6 @@ class Limits(_Strict):
                 raise ValueError(
                     f"format_aliases.{alias}: must be a lower-case non-format mapping to a format"
                 )
-        folded = [f.strip().casefold() for f in self.families]
-        if not all(folded) or len(set(folded)) != len(folded):
-            raise ValueError("families must be non-empty and unique (ignoring case)")
         return self
 
     @classmethod
@@ -142,10 +139,6 @@ class Limits(_Strict):
         key = value.strip().lower()
         return key if key in self.formats else self.format_aliases.get(key)
 
-    def canonical_family(self, value: str) -> str | None:
-        folded = value.strip().casefold()
-        return next((f for f in self.families if f.casefold() == folded), None)
-
 
 @functools.cache
 def _load_default_limits() -> Limits:
@@ -154,6 +147,7 @@ def _load_default_limits() -> Limits:
 
 LIMITS = Limits.load()
 VOCABULARY = PromptLibrary.load()
+CATALOGUE = Catalogue.load()
 _DEFAULTS = VOCABULARY.defaults
 
 
@@ -173,7 +167,7 @@ def _allowed(field: str) -> str:
     if field in ("prompt", "negative_prompt"):
         return f"a string of at most {n.prompt} characters, or null"
     if field == "family":
-        return f"{', '.join(LIMITS.families)}, or null"
+        return f"{', '.join(CATALOGUE.groups)}, or null"
     if field == "format":
         aliases = ", ".join(f"{a} = {t}" for a, t in LIMITS.format_aliases.items())
         return ", ".join(LIMITS.formats) + (f" (also {aliases})" if aliases else "")
@@ -266,7 +260,7 @@ class ImageRequest(BaseModel):
         text = _text(value, "family") if value is not None else ""
         if not text:
             return None
-        family = LIMITS.canonical_family(text)
+        family = CATALOGUE.canonical_group(text)
         if family is None:
             raise RequestError("family", value, _allowed("family"))
         return family

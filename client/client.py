@@ -101,6 +101,36 @@ class BirdClient:
             return DeadlineExceededError(f"no answer from {self.url} within {self.timeout_s:g}s")
         return GenerationError(f"{status or 'error'}: {message}")
 
+    # -- model control (the server runs with explicit model control) ----------------------------------
+    def list_models(self) -> list[dict[str, str]]:
+        """Every model in the repository with its version, state (READY, UNAVAILABLE, ...) and reason."""
+        try:
+            index = self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+        except Exception as exc:
+            raise self._error(exc) from None
+        return [
+            {k: str(m.get(k, "")) for k in ("name", "version", "state", "reason")}
+            for m in index.get("models", [])
+        ]
+
+    def load_model(self, name: str) -> None:
+        """Load `name`, or reload it onto its newest version (the old one answers until the new is ready)."""
+        self._control(self._client.load_model, name)
+
+    def roll_out(self, unet_model: str) -> None:
+        """Serve a family UNet's newest version, then the entry's (fresh response cache); no downtime."""
+        self.load_model(unet_model)
+        self.load_model(IMAGE_MODEL)
+
+    def unload_model(self, name: str) -> None:
+        self._control(self._client.unload_model, name)
+
+    def _control(self, action: Any, name: str) -> None:
+        try:
+            action(name, client_timeout=self.timeout_s)
+        except Exception as exc:
+            raise self._error(exc) from None
+
     def close(self) -> None:
         self._client.close()
 

@@ -25,19 +25,32 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer
 
 import birdgen
+from birdgen.catalogue import Catalogue
+from birdgen.ensemble.routing import FamilyRouter
+from birdgen.ensemble.runners import ModelUnavailable
 from birdgen.media import encode_image
 from birdgen.model_folder import ModelDims
 from birdgen.prompts import Prompt, PromptLibrary
 from birdgen.schema import ImageRequest, RequestError
 
 PIPELINE_FILE = "pipeline.json"
+# How often a request is redrawn when a roll-out unloads the UNet version it was pinned to.
+ROLLOUT_ATTEMPTS = 3
 Tensors = dict[str, np.ndarray]
 
 
 class StageRunner(Protocol):
-    """Runs engine stages by name; `run_many` may run independent calls concurrently."""
+    """Runs engine stages by name; `run_many` may run independent calls concurrently.
 
-    def run(self, stage: str, inputs: Mapping[str, np.ndarray]) -> Tensors: ...
+    `model`/`version` name another model serving the stage's contract (a family UNet) and pin its
+    version; `ready_version` picks the newest ready one of `versions`, loading the model if needed.
+    """
+
+    def ready_version(self, model: str, versions: Sequence[int]) -> int: ...
+
+    def run(
+        self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = ...
+    ) -> Tensors: ...
 
     def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]: ...
 
@@ -76,6 +89,8 @@ class ImagePipeline:
         self.scheduler_config = EulerAncestralDiscreteScheduler.load_config(bundle_dir / "scheduler")
         self.runner = runner
         self.prompts = prompts or PromptLibrary.load()
+        # bundle_dir is <repository>/bird_image/<version>
+        self.router = FamilyRouter(bundle_dir.resolve().parent.parent, Catalogue.load())
 
     # -- the algorithm, in the order StableDiffusionXLPipeline.__call__ runs it ------------------------
     def __call__(self, request: ImageRequest) -> ImageResult:
@@ -83,9 +98,46 @@ class ImagePipeline:
         timings = Timings()
         prompt = self.prompts.build(request)
         seed = request.resolved_seed()
-        generator = torch.Generator("cpu").manual_seed(seed)
+        choice = self.router.choose(request)
         with timings.stage("text_encoders"):
             prompt_embeds, pooled, truncated = self.encode_prompt(prompt.text)
+        with timings.stage("unet"):
+            for attempt in range(ROLLOUT_ATTEMPTS):
+                version = self.runner.ready_version(choice.model, self.router.versions(choice.model))
+                try:
+                    latents = self.denoise(request, seed, prompt_embeds, pooled, choice.model, version)
+                    break
+                except ModelUnavailable:
+                    # The version was unloaded mid-request by a roll-out: draw the image again, wholly
+                    # on the new version, rather than mixing two versions' steps in one image.
+                    if attempt == ROLLOUT_ATTEMPTS - 1:
+                        raise
+        with timings.stage("vae_decoder"):
+            pixels = self.runner.run("vae_decoder", {"latent": latents.numpy()})["image"][0]
+        metadata = self.describe(request, prompt, seed, truncated)
+        metadata.update(
+            family=choice.family,
+            family_source=choice.family_source,
+            unet={"model": choice.model, "version": version},
+            lora=self.router.lora(choice.model, version),
+        )
+        with timings.stage("encode"):
+            data = encode_image(pixels, request.format, metadata)
+        # Timings vary run to run, so they go in the response metadata but not into the file: the same
+        # request must give the same bytes.
+        return ImageResult(data, request.format, {**metadata, "timings_ms": timings.ms}, pixels)
+
+    def denoise(
+        self,
+        request: ImageRequest,
+        seed: int,
+        prompt_embeds: np.ndarray,
+        pooled: np.ndarray,
+        unet: str,
+        version: int,
+    ) -> torch.Tensor:
+        """prepare_latents and the Euler-ancestral loop, the generator drawing in the pipeline's order."""
+        generator = torch.Generator("cpu").manual_seed(seed)
         scheduler = EulerAncestralDiscreteScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(request.steps)
         scheduler.set_begin_index(0)
@@ -93,30 +145,20 @@ class ImagePipeline:
         time_ids = np.array(
             [[request.height, request.width, 0, 0, request.height, request.width]], np.float32
         )
-        with timings.stage("unet"):
-            for t in scheduler.timesteps:
-                model_input = scheduler.scale_model_input(latents, t)
-                noise_pred = self.runner.run(
-                    "unet",
-                    {
-                        "sample": model_input.numpy(),
-                        "timestep": np.full((1, 1), float(t), np.float32),
-                        "encoder_hidden_states": prompt_embeds,
-                        "text_embeds": pooled,
-                        "time_ids": time_ids,
-                    },
-                )["noise_pred"]
-                latents = scheduler.step(
-                    torch.from_numpy(noise_pred), t, latents, generator=generator, return_dict=False
-                )[0]
-        with timings.stage("vae_decoder"):
-            pixels = self.runner.run("vae_decoder", {"latent": latents.numpy()})["image"][0]
-        metadata = self.describe(request, prompt, seed, truncated)
-        with timings.stage("encode"):
-            data = encode_image(pixels, request.format, metadata)
-        # Timings vary run to run, so they go in the response metadata but not into the file: the same
-        # request must give the same bytes.
-        return ImageResult(data, request.format, {**metadata, "timings_ms": timings.ms}, pixels)
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            inputs = {
+                "sample": model_input.numpy(),
+                "timestep": np.full((1, 1), float(t), np.float32),
+                "encoder_hidden_states": prompt_embeds,
+                "text_embeds": pooled,
+                "time_ids": time_ids,
+            }
+            noise_pred = self.runner.run("unet", inputs, model=unet, version=version)["noise_pred"]
+            latents = scheduler.step(
+                torch.from_numpy(noise_pred), t, latents, generator=generator, return_dict=False
+            )[0]
+        return latents
 
     def check_inputs(self, request: ImageRequest) -> None:
         stride = self.dims.pixel_stride
@@ -163,8 +205,6 @@ class ImagePipeline:
             "species": request.species,
             "scientific_name": request.scientific_name,
             "species_id": request.species_id,
-            "family": request.family,
-            "lora": None,
             "prompt": prompt.text,
             "negative_prompt": prompt.negative,
             "prompt_truncated": truncated,

@@ -3,6 +3,9 @@
 `BlsRunner` is the production path, inside a Triton python model: each call is a BLS request to the
 stage's model, so Triton's dynamic batcher merges it with other requests' calls. `LocalRunner` loads the
 same engine files in-process, for tests and debugging without a server.
+
+A stage call may name a model other than the stage's own (a family UNet serves the `unet` contract)
+and pin its version, so one image is drawn by one version even while a new one rolls out.
 """
 
 from __future__ import annotations
@@ -20,25 +23,41 @@ from birdgen.model_folder import ModelDims
 from birdgen.stages import StageSpec, stage_specs
 
 Tensors = dict[str, np.ndarray]
+# Triton's messages for a model or version that is not (or no longer) loaded.
+_GONE = ("unknown model", "not at ready state", "is not found", "unavailable")
 
 
 class StageError(RuntimeError):
     """An engine stage failed; the entry model reports it as an internal error for that request only."""
 
 
+class ModelUnavailable(StageError):
+    """The pinned model version went away (a roll-out unloaded it): redo the request on the new one."""
+
+
 class LocalRunner:
-    """Engines loaded in-process from an exported repository."""
+    """Engines loaded in-process from an exported repository (family UNets on first use)."""
 
     def __init__(self, repository: Path, device: str = "cpu") -> None:
-        manifest = json.loads((Path(repository) / "manifest.json").read_text())
-        kind = engine_kind(manifest["engine"])
-        specs = stage_specs(ModelDims.from_dict(manifest["dims"]))
-        self.engines: dict[str, Engine] = {
-            name: kind.load(spec, Path(repository) / name / "1", device) for name, spec in specs.items()
-        }
+        self.repository = Path(repository)
+        manifest = json.loads((self.repository / "manifest.json").read_text())
+        self.kind = engine_kind(manifest["engine"])
+        self.specs = stage_specs(ModelDims.from_dict(manifest["dims"]))
+        self.device = device
+        self.engines: dict[tuple[str, int], Engine] = {}
 
-    def run(self, stage: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
-        return self.engines[stage].infer(inputs)
+    def ready_version(self, model: str, versions: Sequence[int]) -> int:
+        return versions[0]
+
+    def run(
+        self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = 1
+    ) -> Tensors:
+        key = (model or stage, version)
+        if key not in self.engines:
+            self.engines[key] = self.kind.load(
+                self.specs[stage], self.repository / key[0] / str(version), self.device
+            )
+        return self.engines[key].infer(inputs)
 
     def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]:
         return [self.run(stage, inputs) for stage, inputs in calls]
@@ -53,23 +72,44 @@ class BlsRunner:
         self.pb = pb_utils
         self.specs = specs
 
-    def _request(self, stage: str, inputs: Mapping[str, np.ndarray]) -> Any:
+    def ready_version(self, model: str, versions: Sequence[int]) -> int:
+        """The newest version on disk that Triton has ready; loads the model first if none is."""
+        for _ in range(2):
+            for version in versions:
+                if self.pb.is_model_ready(model_name=model, model_version=str(version)):
+                    return version
+            try:
+                self.pb.load_model(model_name=model)  # explicit model control: family UNets load on demand
+            except Exception as exc:
+                raise ModelUnavailable(
+                    f"model '{model}' is not loaded and could not be loaded: {exc}"
+                ) from None
+        raise ModelUnavailable(f"model '{model}' has no ready version among {list(versions)}")
+
+    def _request(
+        self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = -1
+    ) -> Any:
         return self.pb.InferenceRequest(
-            model_name=stage,
+            model_name=model or stage,
+            model_version=version,
             requested_output_names=[t.name for t in self.specs[stage].outputs],
             inputs=[self.pb.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
         )
 
     def _outputs(self, stage: str, response: Any) -> Tensors:
         if response.has_error():
-            raise StageError(f"stage '{stage}' failed: {response.error().message()}")
+            message = response.error().message()
+            gone = any(text in message.lower() for text in _GONE)
+            raise (ModelUnavailable if gone else StageError)(f"stage '{stage}' failed: {message}")
         return {
             t.name: self.pb.get_output_tensor_by_name(response, t.name).as_numpy()
             for t in self.specs[stage].outputs
         }
 
-    def run(self, stage: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
-        return self._outputs(stage, self._request(stage, inputs).exec())
+    def run(
+        self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = -1
+    ) -> Tensors:
+        return self._outputs(stage, self._request(stage, inputs, model, version).exec())
 
     def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]:
         async def gather() -> list[Any]:

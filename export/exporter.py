@@ -9,10 +9,12 @@ versions) are unchanged and whose files still match the manifest is skipped, so 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import numpy as np
 
 import birdgen
 from birdgen.engines import engine_kind
+from birdgen.ensemble.routing import LORA_FILE, family_model
 from birdgen.model_folder import ModelDims, check_model_folder
 from birdgen.server import MODEL_BOOTSTRAP
 from birdgen.stages import StageSpec, image_sizes, stage_specs
@@ -32,6 +35,8 @@ MODEL_PY_DIR = Path(__file__).resolve().parent.parent / "model_repository"
 # Copied into the entry model so the repository is self-contained.
 BOOTSTRAP_MARKER = "# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)"
 ENTRY_PARTS = ("tokenizer", "tokenizer_2", "scheduler")
+# Versions kept on disk of what roll-outs change (family UNets, the entry): served one + previous one.
+KEEP_VERSIONS = 2
 # An engine may differ from torch by float reordering only; anything above this is an export bug.
 CHECK_TOLERANCE = {"FP32": 1e-3, "UINT8": 1}
 
@@ -110,60 +115,130 @@ def write_model_py(template: str, version_dir: Path) -> Path:
 
 
 def _write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename: a reader (or a live server) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def _build_stage(
+    spec: StageSpec, module: Any, kind: Any, dims: ModelDims, version_dir: Path
+) -> dict[str, Any]:
+    """Build one engine into `version_dir`, check it against `module`, return its manifest record."""
+    version_dir.mkdir(parents=True)
+    sample = spec.sample_inputs(2, image_sizes(dims, 64, 64), dims.vocab_size)
+    artifacts = kind.build(spec, module, sample, version_dir)
+    error = check_engine(spec, module, kind.load(spec, version_dir), dims)
+    write_model_py("stage", version_dir)
+    return {"max_abs_error": error, "artifacts": {p.name: sha256_file(p) for p in artifacts}}
+
+
+def _intact(version_dir: Path, artifacts: dict[str, str]) -> bool:
+    return bool(artifacts) and all(
+        (version_dir / name).is_file() and sha256_file(version_dir / name) == sha
+        for name, sha in artifacts.items()
+    )
 
 
 def export_repository(
     model_dir: Path,
     out: Path,
     engine: str = "onnxruntime",
+    loras: Mapping[str, Path] | None = None,
     entry_instances: int = 4,
     force: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Export every stage of `model_dir` into the Triton repository `out`; return the manifest."""
+    """Export `model_dir` (and any family LoRAs) into the Triton repository `out`; return the manifest.
+
+    Families not named in `loras` keep the engines an earlier export gave them. A family whose LoRA
+    changed gets a new model version beside the old one (Triton serves the newest; the previous one
+    stays on disk for a rollback). Every LoRA is checked before anything is written, and each new
+    version is built outside the repository and moved in whole, so a failure leaves nothing half-written.
+    """
     import time
 
-    from birdgen.export.modules import STAGE_PARTS, stage_module
+    from birdgen.catalogue import Catalogue
+    from birdgen.export.lora import fused_unet, validate_loras
+    from birdgen.export.modules import STAGE_PARTS, UNet, stage_module
     from birdgen.export.triton_config import stage_config, to_pbtxt
 
     model_dir, out = Path(model_dir).resolve(), Path(out)
     check_model_folder(model_dir)
     dims = ModelDims.from_folder(model_dir)
     kind = engine_kind(engine)
+    families = _canonical_families(loras or {}, Catalogue.load())
+    lora_infos = validate_loras(model_dir, families)
     old = _read_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
+    specs = stage_specs(dims)
     stages: dict[str, Any] = {}
-    for spec in stage_specs(dims).values():
+    for spec in specs.values():
         start = time.perf_counter()
         version_dir = out / spec.name / "1"
         key = stage_key(spec.name, [model_dir / p for p in STAGE_PARTS[spec.name]], kind.name, kind.settings)
         previous = old.get("stages", {}).get(spec.name, {})
-        if not force and previous.get("key") == key and _files_intact(out, previous.get("artifacts", {})):
+        if not force and previous.get("key") == key and _intact(version_dir, previous.get("artifacts", {})):
             stages[spec.name] = previous
             progress(f"{spec.name}: up to date, skipped")
         else:
             progress(f"{spec.name}: exporting ({kind.name})")
             if version_dir.exists():
                 shutil.rmtree(version_dir)
-            version_dir.mkdir(parents=True)
             module = stage_module(model_dir, spec.name)
-            sample = spec.sample_inputs(2, image_sizes(dims, 64, 64), dims.vocab_size)
-            artifacts = kind.build(spec, module, sample, version_dir)
-            error = check_engine(spec, module, kind.load(spec, version_dir), dims)
-            hashes = {str(p.relative_to(out)): sha256_file(p) for p in artifacts}
-            stages[spec.name] = {"key": key, "max_abs_error": error, "artifacts": hashes}
-            seconds = time.perf_counter() - start
-            progress(f"{spec.name}: done in {seconds:.1f}s, max |engine - torch| = {error:.3g}")
+            stages[spec.name] = {"key": key, **_build_stage(spec, module, kind, dims, version_dir)}
+            progress(
+                f"{spec.name}: done in {time.perf_counter() - start:.1f}s, "
+                f"max |engine - torch| = {stages[spec.name]['max_abs_error']:.3g}"
+            )
         # Cheap and derived from code, not from the engine: always rewritten so they never go stale.
         write_model_py("stage", version_dir)
-        config = stage_config(spec, dims, kind.triton_hosting(spec))
-        _write(out / spec.name / "config.pbtxt", to_pbtxt(config))
+        _write(
+            out / spec.name / "config.pbtxt", to_pbtxt(stage_config(spec, dims, kind.triton_hosting(spec)))
+        )
+
+    family_records = dict(old.get("families", {}))
+    for family, info in lora_infos.items():
+        start = time.perf_counter()
+        spec = dataclasses.replace(specs["unet"], name=family_model(family))
+        key = hashlib.sha256((stages["unet"]["key"] + info.sha256).encode()).hexdigest()
+        previous = family_records.get(family, {})
+        current = out / spec.name / str(previous.get("version", 0))
+        if not force and previous.get("key") == key and _intact(current, previous.get("artifacts", {})):
+            progress(f"{spec.name}: up to date (version {previous['version']}), skipped")
+            continue
+        version = max(_version_dirs(out / spec.name), default=0) + 1
+        progress(f"{spec.name}: fusing {info.path} (rank {info.rank}) and exporting version {version}")
+        staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out.parent)) / str(version)
+        try:
+            record = _build_stage(spec, UNet(fused_unet(model_dir, info.path, family)), kind, dims, staging)
+            lora = {
+                "family": family,
+                "source": str(info.path),
+                "sha256": info.sha256,
+                "rank": info.rank,
+                "layers": info.layers,
+            }
+            _write(staging / LORA_FILE, json.dumps(lora, indent=2, sort_keys=True) + "\n")
+            _write(
+                out / spec.name / "config.pbtxt",
+                to_pbtxt(stage_config(spec, dims, kind.triton_hosting(specs["unet"]))),
+            )
+            staging.rename(out / spec.name / str(version))
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+        for stale in _version_dirs(out / spec.name)[:-KEEP_VERSIONS]:
+            shutil.rmtree(out / spec.name / str(stale))
+        family_records[family] = {"model": spec.name, "version": version, "key": key, "lora": lora, **record}
+        progress(
+            f"{spec.name}: version {version} done in {time.perf_counter() - start:.1f}s, "
+            f"max |engine - torch| = {record['max_abs_error']:.3g}"
+        )
 
     keys = "".join(s["key"] for s in stages.values())
     model_version = f"{model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
-    _write_entry(out, model_dir, dims, model_version, engine, entry_instances)
+    _write_entry(out, model_dir, dims, model_version, engine, entry_instances, family_records)
     manifest = {
         "birdgen_version": birdgen.__version__,
         "model_version": model_version,
@@ -172,18 +247,48 @@ def export_repository(
         "dims": dims.to_dict(),
         "versions": _versions(),
         "stages": stages,
+        "families": family_records,
         "files": {k: v for k, v in _tree_hashes(out, out).items() if k != MANIFEST},
     }
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
+def _canonical_families(loras: Mapping[str, Path], catalogue: Any) -> dict[str, Path]:
+    families = {}
+    for name, path in loras.items():
+        family = catalogue.canonical_group(name)
+        if family is None:
+            raise ValueError(f"unknown family {name!r} for --lora; allowed: {', '.join(catalogue.groups)}")
+        families[family] = Path(path)
+    return families
+
+
+def _version_dirs(model: Path) -> list[int]:
+    """The numeric version folders of a Triton model, ascending."""
+    return sorted(int(p.name) for p in model.glob("*") if p.is_dir() and p.name.isdigit())
+
+
 def _write_entry(
-    out: Path, model_dir: Path, dims: ModelDims, model_version: str, engine: str, instances: int
+    out: Path,
+    model_dir: Path,
+    dims: ModelDims,
+    model_version: str,
+    engine: str,
+    instances: int,
+    families: dict[str, Any],
 ) -> None:
+    """The entry model's folder. A family roll-out gets a new entry version too: Triton's response
+    cache keys on model name and version, so reloading onto the new version starts a fresh cache
+    instead of answering repeats with the previous LoRA's images."""
     from birdgen.export.triton_config import entry_config, to_pbtxt
 
-    version_dir = out / ENTRY_MODEL / "1"
+    served = {family: record["version"] for family, record in sorted(families.items())}
+    versions = _version_dirs(out / ENTRY_MODEL)
+    version = versions[-1] if versions else 1
+    if versions and _entry_families(out / ENTRY_MODEL / str(version)) != served:
+        version += 1
+    version_dir = out / ENTRY_MODEL / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
     for part in ENTRY_PARTS:
         if (version_dir / part).exists():
@@ -195,9 +300,17 @@ def _write_entry(
         "engine": engine,
         "dims": dims.to_dict(),
         "stages": list(stage_specs(dims)),
+        "families": served,
     }
     _write(version_dir / PIPELINE_FILE, json.dumps(pipeline, indent=2, sort_keys=True) + "\n")
     _write(out / ENTRY_MODEL / "config.pbtxt", to_pbtxt(entry_config(ENTRY_MODEL, instances)))
+    for stale in _version_dirs(out / ENTRY_MODEL)[:-KEEP_VERSIONS]:
+        shutil.rmtree(out / ENTRY_MODEL / str(stale))
+
+
+def _entry_families(version_dir: Path) -> dict[str, int] | None:
+    path = version_dir / PIPELINE_FILE
+    return json.loads(path.read_text()).get("families") if path.is_file() else None
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
@@ -205,10 +318,14 @@ def _read_manifest(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _files_intact(out: Path, files: dict[str, str]) -> bool:
-    return bool(files) and all(
-        (out / rel).is_file() and sha256_file(out / rel) == sha for rel, sha in files.items()
-    )
+def core_models(repository: Path) -> list[str]:
+    """The models a server loads at start: the entry model and the base stages (family UNets load on use)."""
+    manifest = _read_manifest(Path(repository))
+    if not manifest:
+        raise FileNotFoundError(
+            f"{repository} has no {MANIFEST}: export a model into it first (birdgen export)"
+        )
+    return [ENTRY_MODEL, *manifest["stages"]]
 
 
 def verify_manifest(repo: Path) -> list[str]:

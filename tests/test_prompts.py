@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from birdgen.prompts import DEFAULT_VOCABULARY, DataFileError, Prompt, PromptLibrary
-from birdgen.schema import LIMITS, ImageRequest
+from birdgen.schema import CATALOGUE, ImageRequest
 
 CLIP_WINDOW = 77  # tokens, including the start and end tokens
 # Words, digits and punctuation runs: a lower bound on CLIP's BPE token count.
@@ -145,7 +145,7 @@ def test_example_species_are_valid_requests(lib: PromptLibrary) -> None:
         request = ImageRequest(
             species=species.common, scientific_name=species.scientific, family=species.family
         )
-        assert request.family in LIMITS.families
+        assert request.family in CATALOGUE.groups
         assert f"{species.common} ({species.scientific})" in lib.build(request).text
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from birdgen.prompts import DataFileError, PromptLibrary
 from birdgen.schema import (
+    CATALOGUE,
     DEFAULT_LIMITS,
     LIMITS,
     MISSING,
@@ -44,9 +45,7 @@ def test_limits_file_matches_the_contract() -> None:
     assert (LIMITS.seed.min, LIMITS.seed.max) == (0, 2**63 - 1)
     assert (LIMITS.max_length.name, LIMITS.max_length.species_id, LIMITS.max_length.prompt) == (100, 64, 1000)
     assert LIMITS.formats == ["png", "webp", "jpeg"] and LIMITS.default_format == "png"
-    assert {"Passeriformes", "Charadriiformes", "Accipitriformes", "Anseriformes", "Strigiformes"} <= set(
-        LIMITS.families
-    )
+    assert "families" not in Limits.model_fields  # family groups live in the catalogue alone
 
 
 def test_defaults_come_from_the_data_files() -> None:
@@ -106,8 +105,9 @@ def test_every_vocabulary_value_is_accepted() -> None:
     for field in ("pose", "season", "lighting", "style", "habitat"):
         for value in library.allowed(field):
             assert getattr(ImageRequest(species="x", **{field: value.upper()}), field) == value
-    for family in LIMITS.families:
+    for family in CATALOGUE.groups:
         assert ImageRequest(species="x", family=family.upper()).family == family
+        assert ImageRequest(species="x", family=f" {family.lower()} ").family == family
 
 
 BAD = [
@@ -120,7 +120,8 @@ BAD = [
     ({"scientific_name": "T" * 101}, "scientific_name", "at most 100 characters"),
     ({"species_id": "x" * 65}, "species_id", "at most 64 characters"),
     ({"species_id": "amerob/../etc"}, "species_id", "letters, digits"),
-    ({"family": "Psittaciformes"}, "family", "Passeriformes, Charadriiformes"),
+    ({"family": "Dinosauria"}, "family", "Passeriformes, Charadriiformes"),
+    ({"family": "Turdidae"}, "family", "Accipitriformes"),  # a taxonomic family is not a group
     ({"pose": "upside-down"}, "pose", "perched, flying"),
     ({"season": "monsoon"}, "season", "spring, summer, autumn, winter, breeding, non-breeding"),
     ({"lighting": "disco"}, "lighting", "golden-hour"),
@@ -320,7 +321,7 @@ BROKEN_LIMITS = [
     ("steps: {min: 1, max: 4, default: 1}", "steps: {min: 1, max: 4}", "steps.default"),
     ("default_format: png", "default_format: gif", "default_format"),
     ("format_aliases: {jpg: jpeg}", "format_aliases: {jpg: jpeg2000}", "format_aliases.jpg"),
-    ("  - Galliformes\n", "  - galliformes\n  - Galliformes\n", "families"),
+    ("format_aliases: {jpg: jpeg}", "format_aliases: {jpg: jpeg}\nfamilies: [Passeriformes]", "families"),
     ("  prompt: 1000", "  prompt: '1000'", "max_length.prompt"),
     ("formats: [png, webp, jpeg]", "formats: [png, webp, jpeg", "limits.yaml"),
 ]

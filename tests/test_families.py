@@ -1,0 +1,223 @@
+"""Family LoRAs end to end: fused per-family UNets, routing, on-demand loading, hot swap, bad LoRAs."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from birdgen.client import BirdClient
+from birdgen.export.exporter import core_models, export_repository, verify_manifest
+from birdgen.export.lora import LoraError
+from birdgen.server import TritonServer
+from tests.conftest import ROBIN
+from tests.loras import random_lora
+from tests.test_parity import assert_close_to_reference, diffusers_image
+
+pytestmark = pytest.mark.triton
+UNKNOWN = {**ROBIN, "species": "Dodo", "scientific_name": "Raphus cucullatus", "species_id": None}
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return {name: random_lora(tiny_model, root / name, seed=seed) for name, seed in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture(scope="module")
+def family_repo(repository: Path, tiny_model: Path, loras: dict[str, Path], tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("families") / "model_repository"
+    shutil.copytree(repository, repo)
+    manifest = export_repository(
+        tiny_model, repo, loras={"passeriformes": loras["a"]}, progress=lambda _: None
+    )
+    assert manifest["families"]["Passeriformes"]["version"] == 1
+    return repo
+
+
+@pytest.fixture(scope="module")
+def explicit_server(family_repo: Path) -> Iterator[TritonServer]:
+    with TritonServer(family_repo, model_control="explicit", load_models=core_models(family_repo)) as server:
+        yield server
+
+
+def model_state(client: BirdClient, name: str) -> set[tuple[str, str]]:
+    return {(m["version"], m["state"]) for m in client.list_models() if m["name"] == name}
+
+
+def test_family_unet_loads_on_demand_and_matches_diffusers_with_the_lora_fused(
+    explicit_server, tiny_model: Path, loras: dict[str, Path]
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    with BirdClient(explicit_server.grpc_url) as client:
+        assert ("1", "READY") not in model_state(client, "unet_passeriformes")
+        served = client.generate_image(**ROBIN)
+        assert ("1", "READY") in model_state(client, "unet_passeriformes")
+    meta = served.metadata
+    assert meta["family"] == "Passeriformes" and meta["family_source"] == "catalogue"
+    assert meta["unet"] == {"model": "unet_passeriformes", "version": 1}
+    assert meta["lora"]["family"] == "Passeriformes" and meta["lora"]["rank"] == 4
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    base = diffusers_image(pipe, meta, meta["seed"])
+    pipe.load_lora_weights(str(loras["a"]))
+    pipe.fuse_lora()
+    pixels = np.asarray(served.image.convert("RGB"))
+    assert_close_to_reference(pixels, diffusers_image(pipe, meta, meta["seed"]))
+    assert np.abs(pixels.astype(np.int16) - base.astype(np.int16)).mean() > 5  # the LoRA really acts
+
+
+def test_routing_unknown_species_and_families_without_a_lora_use_the_base(
+    explicit_server, local_pipeline
+) -> None:
+    from birdgen.schema import ImageRequest
+
+    with BirdClient(explicit_server.grpc_url) as client:
+        unknown = client.generate_image(**UNKNOWN)
+        mallard = client.generate_image(
+            **{
+                **ROBIN,
+                "species": "Mallard",
+                "scientific_name": "Anas platyrhynchos",
+                "species_id": "mallar3",
+            }
+        )
+        explicit = client.generate_image(**{**UNKNOWN, "family": "passeriformes"})
+    assert unknown.metadata["unet"]["model"] == "unet" and unknown.metadata["family_source"] == "unknown"
+    assert unknown.metadata["family"] is None and unknown.metadata["lora"] is None
+    assert mallard.metadata["family"] == "Anseriformes" and mallard.metadata["unet"]["model"] == "unet"
+    assert explicit.metadata["family_source"] == "request"
+    assert explicit.metadata["unet"]["model"] == "unet_passeriformes"
+    # The base UNet is unchanged by the family export: same bytes as the base-only repository.
+    assert unknown.data == local_pipeline(ImageRequest(**UNKNOWN)).data
+
+
+def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
+    explicit_server, family_repo: Path, tiny_model: Path, loras: dict[str, Path]
+) -> None:
+    with BirdClient(explicit_server.grpc_url) as client:
+        before = client.generate_image(**{**ROBIN, "seed": 5})
+    assert before.metadata["unet"]["version"] == 1
+
+    failures: list[BaseException] = []
+    versions: list[int] = []
+    stop = threading.Event()
+
+    def stream(worker: int) -> None:
+        with BirdClient(explicit_server.grpc_url) as client:
+            for i in range(40):  # bounded: at most 40 requests per worker
+                if stop.is_set():
+                    return
+                try:
+                    versions.append(
+                        client.generate_image(**{**ROBIN, "seed": 1000 * worker + i}).metadata["unet"][
+                            "version"
+                        ]
+                    )
+                except BaseException as exc:
+                    failures.append(exc)
+
+    manifest = export_repository(
+        tiny_model, family_repo, loras={"Passeriformes": loras["b"]}, progress=lambda _: None
+    )
+    assert manifest["families"]["Passeriformes"]["version"] == 2
+    workers = [threading.Thread(target=stream, args=(w,)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)
+    with BirdClient(explicit_server.grpc_url) as client:
+        client.roll_out("unet_passeriformes")  # returns once version 2 and the new entry serve
+        after = client.generate_image(**{**ROBIN, "seed": 5})
+        time.sleep(1.0)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert failures == []
+    assert set(versions) <= {1, 2} and 2 in versions
+    assert (
+        after.metadata["unet"]["version"] == 2
+        and after.metadata["lora"]["sha256"] != before.metadata["lora"]["sha256"]
+    )
+    assert after.data != before.data
+    assert verify_manifest(family_repo) == []
+
+    # A third version prunes the first (the served one and the one before stay); an unchanged LoRA is skipped.
+    export_repository(tiny_model, family_repo, loras={"Passeriformes": loras["a"]}, progress=lambda _: None)
+    assert sorted(p.name for p in (family_repo / "unet_passeriformes").iterdir() if p.is_dir()) == ["2", "3"]
+    messages: list[str] = []
+    export_repository(tiny_model, family_repo, loras={"Passeriformes": loras["a"]}, progress=messages.append)
+    assert any("unet_passeriformes: up to date (version 3)" in m for m in messages)
+
+
+def snapshot(repo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+
+
+def corrupt(lora: Path, out: Path, change) -> Path:
+    state = load_file(lora / "pytorch_lora_weights.safetensors")
+    out.mkdir(parents=True)
+    save_file(change(state), out / "pytorch_lora_weights.safetensors")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("unknown family", "allowed: .*Passeriformes"),
+        ("wrong shape", "lora_B has shape"),
+        ("other base model", "not a module of this UNet"),
+        ("missing file", "LoRA not found"),
+    ],
+)
+def test_bad_lora_fails_export_and_writes_nothing(
+    case, match, tiny_model: Path, repository: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    before = snapshot(repo)
+    family, lora = "Passeriformes", loras["a"]
+    if case == "unknown family":
+        family = "Dinosauria"
+    elif case == "wrong shape":
+
+        def widen(state):
+            key = next(k for k in state if k.endswith("to_k.lora.up.weight"))
+            return {**state, key: torch.zeros(state[key].shape[0] + 3, state[key].shape[1])}
+
+        lora = corrupt(lora, tmp_path / "wide", widen)
+    elif case == "other base model":
+        lora = corrupt(
+            lora,
+            tmp_path / "other",
+            lambda s: {k.replace("down_blocks.1", "down_blocks.7"): v for k, v in s.items()},
+        )
+    else:
+        lora = tmp_path / "nowhere"
+    with pytest.raises((LoraError, ValueError), match=match):
+        export_repository(tiny_model, repo, loras={family: lora}, progress=lambda _: None)
+    assert snapshot(repo) == before
+    assert not list(repo.parent.glob(".unet_*"))
+
+
+def test_models_command_lists_and_loads(explicit_server) -> None:
+    from tests.test_cli import run
+
+    done = run("models", "unload", "unet_passeriformes", "--url", explicit_server.grpc_url)
+    assert done.returncode == 0, done.stderr
+    listing = run("models", "list", "--url", explicit_server.grpc_url).stdout
+    assert "unet_passeriformes" in listing and "READY" in listing  # the other models still serve
+    assert not any("unet_passeriformes" in line and "READY" in line for line in listing.splitlines())
+    done = run("models", "load", "unet_passeriformes", "--url", explicit_server.grpc_url)
+    assert done.returncode == 0, done.stderr
+    assert any("unet_passeriformes" in line and "READY" in line for line in done.stdout.splitlines())
+    missing = run("models", "load", "--url", explicit_server.grpc_url)
+    assert missing.returncode == 2 and "needs a model name" in missing.stderr
