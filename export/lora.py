@@ -48,15 +48,18 @@ def lora_file(path: Path) -> Path:
     return path
 
 
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
-    """The state dict in diffusers/peft naming (community formats converted by diffusers) and alphas."""
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict[str, Any] | None]:
+    """State dict in diffusers/peft naming (community formats converted by diffusers), network alphas,
+    and the adapter metadata peft-trained files carry (lora_alpha: without it alpha != rank fuses wrong)."""
     from diffusers import StableDiffusionXLPipeline
 
     try:
-        state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path))
+        state, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
+            str(path), return_lora_metadata=True
+        )
     except Exception as exc:
         raise LoraError(f"{path}: not a readable SDXL LoRA ({exc})") from None
-    return state, alphas
+    return state, alphas, metadata
 
 
 def check_lora(unet: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> LoraInfo:
@@ -111,9 +114,11 @@ def fused_unet(model_dir: Path, lora: Path, family: str) -> Any:
     """The model folder's UNet with the family LoRA fused in (scale 1), as a plain UNet."""
     path = lora_file(lora)
     unet = load_part(model_dir, "unet")
-    state, alphas = read_lora(path)
+    state, alphas, metadata = read_lora(path)
     check_lora(unet, state, path)
-    unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name=family.lower())
+    unet.load_lora_adapter(
+        state, network_alphas=alphas, metadata=metadata, prefix="unet", adapter_name=family.lower()
+    )
     unet.fuse_lora(lora_scale=1.0)
     unet.unload_lora()
     return unet.eval()

@@ -9,7 +9,9 @@ import torch
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def random_lora(model_dir: Path, out: Path, *, rank: int = 4, seed: int = 0, scale: float = 0.5) -> Path:
+def random_lora(
+    model_dir: Path, out: Path, *, rank: int = 4, alpha: int | None = None, seed: int = 0, scale: float = 0.5
+) -> Path:
     """A LoRA whose B matrices are random too, so it visibly changes the UNet (peft inits B to 0)."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -20,12 +22,17 @@ def random_lora(model_dir: Path, out: Path, *, rank: int = 4, seed: int = 0, sca
 
     torch.manual_seed(seed)
     unet = load_part(model_dir, "unet")
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, target_modules=TARGETS, init_lora_weights="gaussian"
+    )
     unet.add_adapter(config)
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, scale)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=layers)
+    # The adapter metadata carries lora_alpha, as birdgen train-lora writes it.
+    StableDiffusionXLPipeline.save_lora_weights(
+        out, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
+    )
     return out

@@ -147,4 +147,7 @@ def test_serve_runs_until_signalled_then_stops_cleanly(repository: Path, signum:
         serve.kill()
     for port in ports:  # the server is gone, its ports are free again
         with socket.socket() as sock:
+            # SO_REUSEADDR: closed connections may leave TIME_WAIT; a live listener still fails the bind.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
+            sock.listen()

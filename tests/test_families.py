@@ -221,3 +221,24 @@ def test_models_command_lists_and_loads(explicit_server) -> None:
     assert any("unet_passeriformes" in line and "READY" in line for line in done.stdout.splitlines())
     missing = run("models", "load", "--url", explicit_server.grpc_url)
     assert missing.returncode == 2 and "needs a model name" in missing.stderr
+
+
+def test_fusing_honours_alpha_like_diffusers(tiny_model: Path, tmp_path: Path) -> None:
+    """alpha != rank scales the LoRA by alpha/rank; the fused UNet must match diffusers' fuse_lora."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from birdgen.export.lora import fused_unet
+
+    lora = random_lora(tiny_model, tmp_path / "alpha", rank=4, alpha=8, seed=3)
+    fused = fused_unet(tiny_model, lora, "Passeriformes")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    args = (torch.randn(1, 4, 32, 32), torch.tensor([500.0]), torch.randn(1, 77, 80))
+    added = {"text_embeds": torch.randn(1, 40), "time_ids": torch.randn(1, 6)}
+    with torch.no_grad():
+        base = pipe.unet(*args, added_cond_kwargs=added).sample
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora()
+        want = pipe.unet(*args, added_cond_kwargs=added).sample
+        got = fused(*args, added_cond_kwargs=added).sample
+    assert (got - want).abs().max() < 1e-5 < (want - base).abs().max()
