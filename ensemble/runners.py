@@ -24,7 +24,7 @@ from birdgen.stages import StageSpec, stage_specs
 
 Tensors = dict[str, np.ndarray]
 # Triton's messages for a model or version that is not (or no longer) loaded.
-_GONE = ("unknown model", "not at ready state", "is not found", "unavailable")
+_GONE = ("unknown model", "not ready", "not at ready state", "is not found", "unavailable")
 
 
 class StageError(RuntimeError):

@@ -213,3 +213,37 @@ def test_logger_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         assert lora._tracker("tensorboard") is None
     with pytest.raises(ValueError, match="wandb is not installed"):
         lora._tracker("wandb")
+
+
+def test_photos_to_a_routed_family_engine(
+    tiny_model: Path, photos: Path, repository: Path, tmp_path: Path
+) -> None:
+    """The MLE path of the README: train-lora, then export --lora, then the family draws its species."""
+    import shutil
+
+    from birdgen.cli import main
+    from birdgen.ensemble.pipeline import ImagePipeline
+    from birdgen.ensemble.runners import LocalRunner
+    from birdgen.schema import ImageRequest
+    from tests.conftest import ROBIN
+
+    run = tmp_path / "runs" / "passeriformes"
+    train = ["train-lora", "--model-dir", str(tiny_model), "--data", str(photos), "--family", "Passeriformes"]
+    train += ["--output", str(run), "--rank", "4", "--alpha", "4", "--resolution", "64", "--batch-size", "2"]
+    assert main([*train, "--max-steps", "2", "--warmup-steps", "0", "--log-with", "none"]) == 0
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    assert (
+        main(["export", "--model-dir", str(tiny_model), "--out", str(repo), "--lora", f"Passeriformes={run}"])
+        == 0
+    )
+
+    manifest = json.loads((repo / "manifest.json").read_text())
+    trained = manifest["families"]["Passeriformes"]
+    assert trained["model"] == "unet_passeriformes" and trained["lora"]["source"] == str(
+        run / "pytorch_lora_weights.safetensors"
+    )
+    entry = max(int(p.name) for p in (repo / "bird_image").iterdir() if p.name.isdigit())
+    image = ImagePipeline(repo / "bird_image" / str(entry), LocalRunner(repo))(ImageRequest(**ROBIN))
+    assert image.metadata["unet"] == {"model": "unet_passeriformes", "version": 1}
+    assert image.metadata["lora"]["sha256"] == trained["lora"]["sha256"]
