@@ -61,7 +61,13 @@ def _export(args: argparse.Namespace) -> int:
     from birdgen.export.exporter import export_repository
 
     manifest = export_repository(
-        args.model_dir, args.out, engine=args.engine, entry_instances=args.entry_instances, force=args.force
+        args.model_dir,
+        args.out,
+        engine=args.engine,
+        loras=dict(_family_lora(value) for value in args.lora),
+        motion_adapter=args.motion_adapter,
+        entry_instances=args.entry_instances,
+        force=args.force,
     )
     print(
         f"model repository {args.out} ready: model_version {manifest['model_version']}, "
@@ -70,7 +76,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _family_lora(value: str) -> tuple[str, Path]:
+    family, sep, path = value.partition("=")
+    if not sep or not family or not path:
+        raise ValueError(f"--lora takes FAMILY=PATH, got {value!r}")
+    return family, Path(path)
+
+
 def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Explicit model control: the core models load at start, family UNets on first use or on request."""
+    from birdgen.export.exporter import core_models
     from birdgen.server import TritonServer
 
     return TritonServer(
@@ -78,6 +93,8 @@ def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         metrics_port=args.metrics_port,
+        model_control="explicit",
+        load_models=core_models(args.model_repository),
     )
 
 
@@ -214,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FAMILY=PATH",
         help="fuse a family LoRA into its own UNet (unet_<family>); repeat per family",
+    )
+    p.add_argument(
+        "--motion-adapter",
+        type=Path,
+        help="AnimateDiff SDXL motion adapter folder (default: MODEL_DIR/motion_adapter when present)",
     )
     p.set_defaults(run=_export)
 

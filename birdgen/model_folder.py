@@ -114,6 +114,18 @@ class ModelDims:
         return dims
 
 
+def load_motion_adapter(path: Path) -> Any:
+    """An AnimateDiff motion adapter folder (the tiny one, or e.g. animatediff-motion-adapter-sdxl-beta)."""
+    from diffusers import MotionAdapter
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(
+            f"no motion adapter at {path} (a diffusers MotionAdapter folder with config.json)"
+        )
+    return MotionAdapter.from_pretrained(path).eval()
+
+
 def _weights_variant(part_dir: Path) -> str | None:
     """sdxl-turbo ships some parts only as `*.fp16.safetensors`; load those when the plain ones are absent."""
     plain = [p for p in part_dir.glob("*.safetensors") if ".fp16." not in p.name]

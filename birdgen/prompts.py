@@ -28,6 +28,7 @@ FIELDS = {
     "lighting": "lightings",
     "style": "styles",
     "habitat": "habitats",
+    "behaviour": "behaviours",
 }
 PLACEHOLDERS = frozenset({"quality", "subject", "pose", "season", "habitat", "lighting"})
 REQUIRED_SEASONS = ("spring", "summer", "autumn", "winter", "breeding", "non-breeding")
@@ -127,6 +128,7 @@ class Defaults(_Strict):
     lighting: str
     style: str
     habitat: str | None = None
+    behaviour: str
 
 
 class ExampleSpecies(_Strict):
@@ -141,18 +143,29 @@ class Prompt:
     negative: str
 
 
-class PromptRequest(Protocol):
-    """What `build` reads from a request (an ImageRequest fits; so does any object with these)."""
+class _DescribedRequest(Protocol):
+    """The fields `build` reads from every request."""
 
     species: str
     scientific_name: str | None
-    pose: str
     season: str
     lighting: str
     style: str
     habitat: str | None
     prompt: str | None
     negative_prompt: str | None
+
+
+class PromptRequest(_DescribedRequest, Protocol):
+    """What `build` reads from an image request (an ImageRequest fits; so does any object with these)."""
+
+    pose: str
+
+
+class AnimationPromptRequest(_DescribedRequest, Protocol):
+    """What `build` reads from an animation request: a behaviour (motion) where an image has a pose."""
+
+    behaviour: str
 
 
 class PromptLibrary(_Strict):
@@ -165,6 +178,7 @@ class PromptLibrary(_Strict):
     seasons: dict[str, str]
     lightings: dict[str, str] = Field(min_length=6)
     habitats: dict[str, str] = Field(default_factory=dict)
+    behaviours: dict[str, str] = Field(min_length=1)
     aliases: dict[str, dict[str, str]] = Field(default_factory=dict)
     defaults: Defaults
     example_species: list[ExampleSpecies] = Field(min_length=20)
@@ -176,7 +190,7 @@ class PromptLibrary(_Strict):
             raise ValueError("entries must be non-empty")
         return words
 
-    @field_validator("styles", "poses", "seasons", "lightings", "habitats")
+    @field_validator("styles", "poses", "seasons", "lightings", "habitats", "behaviours")
     @classmethod
     def _keys_and_phrases(cls, entries: dict[str, Any]) -> dict[str, Any]:
         for key, phrase in entries.items():
@@ -196,7 +210,7 @@ class PromptLibrary(_Strict):
 
     @model_validator(mode="after")
     def _references_exist(self) -> PromptLibrary:
-        for field in ("pose", "season", "lighting", "style", "habitat"):
+        for field in FIELDS:
             value = getattr(self.defaults, field)
             if (value is not None or field != "habitat") and value not in self._section(field):
                 raise ValueError(
@@ -225,7 +239,7 @@ class PromptLibrary(_Strict):
         return getattr(self, FIELDS[field])
 
     def allowed(self, field: str) -> list[str]:
-        """The canonical values of `field` (one of pose, season, lighting, style, habitat)."""
+        """The canonical values of `field` (one of pose, season, lighting, style, habitat, behaviour)."""
         return list(self._section(field))
 
     def canonical(self, field: str, value: str) -> str | None:
@@ -241,8 +255,12 @@ class PromptLibrary(_Strict):
             raise ValueError(f"invalid {field!r}: got {value!r}; allowed: {', '.join(self.allowed(field))}")
         return key
 
-    def build(self, request: PromptRequest) -> Prompt:
-        """The positive and negative prompt for `request`; its expert overrides win when given."""
+    def build(self, request: PromptRequest | AnimationPromptRequest) -> Prompt:
+        """The positive and negative prompt for `request`; its expert overrides win when given.
+
+        An animation request's behaviour takes the pose's place in the template: the clip shows the
+        bird doing something, so its phrase describes motion ("flapping its wings in flight").
+        """
         style = self.styles[self._lookup("style", request.style)]
         negative = request.negative_prompt or ", ".join(dict.fromkeys([*self.negative, *style.negative]))
         if request.prompt:
@@ -255,7 +273,7 @@ class PromptLibrary(_Strict):
         values = {
             "quality": ", ".join(self.quality),
             "subject": f"{_article(request.species)} {subject}",
-            "pose": self.poses[self._lookup("pose", request.pose)],
+            "pose": self._action(request),
             "season": self.seasons[self._lookup("season", request.season)],
             "lighting": self.lightings[self._lookup("lighting", request.lighting)],
             "habitat": self.habitats[self._lookup("habitat", request.habitat)] if request.habitat else "",
@@ -267,13 +285,20 @@ class PromptLibrary(_Strict):
                 parts.append(part.strip().format_map(values))
         return Prompt(text=", ".join(p for p in parts if p), negative=negative)
 
+    def _action(self, request: PromptRequest | AnimationPromptRequest) -> str:
+        """The behaviour's phrase when the request has one (an animation), else the pose's."""
+        behaviour = getattr(request, "behaviour", None)
+        if behaviour:
+            return self.behaviours[self._lookup("behaviour", behaviour)]
+        return self.poses[self._lookup("pose", request.pose)]  # type: ignore[union-attr]
+
     def corpus(self) -> str:
         """All library text plus the example species names: what the tiny model's BPE learns from."""
         lines = [*self.quality, *self.negative]
         for style in self.styles.values():
             lines.extend(part for part in re.sub(r"\{\w+\}", "", style.template).split(",") if part.strip())
             lines.extend(style.negative)
-        for section in (self.poses, self.seasons, self.lightings, self.habitats):
+        for section in (self.poses, self.behaviours, self.seasons, self.lightings, self.habitats):
             lines.extend(section.values())
         lines.extend(f"{s.common} ({s.scientific})" for s in self.example_species)
         return "\n".join(" ".join(line.split()) for line in lines)

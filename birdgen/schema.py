@@ -1,9 +1,10 @@
-"""The image request: its fields, limits, normalisation and errors, in one place with no torch.
+"""The image and animation requests: fields, limits, normalisation and errors, in one place, no torch.
 
 The client, the HTTP gateway and the Triton models all import this module, so a request means the
 same thing everywhere: the same defaults, the same canonical form (cache key and derived seed) and
 the same error for the same mistake. Limits come from `data/limits.yaml`, vocabulary values
-(pose, season, ...) from `data/vocabulary.yaml`, family groups from `data/catalogue.yaml`.
+(pose, behaviour, season, ...) from `data/vocabulary.yaml`, family groups from `data/catalogue.yaml`.
+The two requests share every field they have in common: each is declared and validated once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -28,7 +30,7 @@ from pydantic import (
 )
 
 from birdgen.catalogue import Catalogue
-from birdgen.prompts import DATA_DIR, PromptLibrary, load_data_file
+from birdgen.prompts import DATA_DIR, FIELDS, PromptLibrary, load_data_file
 
 DEFAULT_LIMITS = DATA_DIR / "limits.yaml"
 _SPECIES_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -70,33 +72,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class IntRange(_Strict):
-    min: int
-    max: int
-    multiple_of: int = Field(default=1, ge=1)
+class NumberRange(_Strict):
+    """min..max; real numbers (a duration of 2.5 s) unless a subclass narrows them."""
+
+    min: float
+    max: float
 
     @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
+    def _ordered(self) -> NumberRange:
         if self.min > self.max:
             raise ValueError(f"min {self.min} is above max {self.max}")
         return self
 
-    def contains(self, value: int) -> bool:
-        return self.min <= value <= self.max and value % self.multiple_of == 0
+    def contains(self, value: float) -> bool:
+        return self.min <= value <= self.max  # False for NaN
+
+    def describe(self) -> str:
+        return f"a number {self.min:g}..{self.max:g}"
+
+
+class IntRange(NumberRange):
+    min: int
+    max: int
+    multiple_of: int = Field(default=1, ge=1)
+
+    def contains(self, value: float) -> bool:
+        return super().contains(value) and value % self.multiple_of == 0
 
     def describe(self) -> str:
         step = f", multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
         return f"an integer {self.min}..{self.max}{step}"
 
 
+def _check_default(limit: Any) -> Any:
+    """A DefaultedRange's or DefaultedNumberRange's default must lie inside the range."""
+    if not limit.contains(limit.default):
+        raise ValueError(f"default {limit.default} is outside {limit.describe()}")
+    return limit
+
+
 class DefaultedRange(IntRange):
     default: int
 
-    @model_validator(mode="after")
-    def _default_inside(self) -> DefaultedRange:
-        if not self.contains(self.default):
-            raise ValueError(f"default {self.default} is outside {self.describe()}")
-        return self
+    _default_inside = model_validator(mode="after")(_check_default)
+
+
+class DefaultedNumberRange(NumberRange):
+    default: float
+
+    _default_inside = model_validator(mode="after")(_check_default)
 
 
 class MaxLength(_Strict):
@@ -105,20 +129,18 @@ class MaxLength(_Strict):
     prompt: int = Field(ge=1)
 
 
-class Limits(_Strict):
-    """The validated limits.yaml."""
+class _OutputLimits(_Strict):
+    """What each kind of request limits on its own: its size, steps and output formats."""
 
     width: DefaultedRange
     height: DefaultedRange
     steps: DefaultedRange
-    seed: IntRange
-    max_length: MaxLength
     formats: list[str] = Field(min_length=1)
     default_format: str
     format_aliases: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _consistent(self) -> Limits:
+    def _consistent_formats(self) -> _OutputLimits:
         if any(f != f.lower() or not f for f in self.formats) or len(set(self.formats)) != len(self.formats):
             raise ValueError(f"formats must be unique, non-empty and lower-case, got {self.formats}")
         if self.default_format not in self.formats:
@@ -130,14 +152,50 @@ class Limits(_Strict):
                 )
         return self
 
+    def canonical_format(self, value: str) -> str | None:
+        key = value.strip().lower()
+        return key if key in self.formats else self.format_aliases.get(key)
+
+
+class AnimationLimits(_OutputLimits):
+    """The `animation` section of limits.yaml: an animation's size, steps, formats and length."""
+
+    duration_seconds: DefaultedNumberRange
+    fps: DefaultedRange
+    max_frames: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _default_length_fits(self) -> AnimationLimits:
+        frames = _frame_count(self.duration_seconds.default, self.fps.default)
+        if frames is None or frames > self.max_frames:
+            raise ValueError(
+                f"the default duration_seconds x fps ({self.duration_seconds.default:g} x "
+                f"{self.fps.default}) must be a whole number of frames, at most max_frames {self.max_frames}"
+            )
+        return self
+
+
+class Limits(_OutputLimits):
+    """The validated limits.yaml: an image's limits at the top level, an animation's in `animation`."""
+
+    seed: IntRange
+    max_length: MaxLength
+    animation: AnimationLimits
+
     @classmethod
     def load(cls, path: Path | None = None) -> Limits:
         """The limits from `path`, or the bundled ones (read once per process)."""
         return _load_default_limits() if path is None else load_data_file(path, cls)
 
-    def canonical_format(self, value: str) -> str | None:
-        key = value.strip().lower()
-        return key if key in self.formats else self.format_aliases.get(key)
+
+def _frame_count(duration_seconds: float, fps: int) -> int | None:
+    """duration x fps when that is a whole number, else None.
+
+    Exact on the decimal the client wrote (2.1 s at 10 fps is 21 frames, although 2.1 * 10 in binary
+    floating point is 21.000000000000004).
+    """
+    frames = Fraction(repr(duration_seconds)) * fps
+    return int(frames) if frames.denominator == 1 else None
 
 
 @functools.cache
@@ -146,149 +204,140 @@ def _load_default_limits() -> Limits:
 
 
 LIMITS = Limits.load()
+ANIMATION = LIMITS.animation
 VOCABULARY = PromptLibrary.load()
 CATALOGUE = Catalogue.load()
 _DEFAULTS = VOCABULARY.defaults
 
 
-def _allowed(field: str) -> str:
-    """What `field` accepts, in words: the `allowed` of every RequestError about it."""
-    n = LIMITS.max_length
-    if field in ("width", "height", "steps"):
-        return getattr(LIMITS, field).describe()
-    if field == "seed":
-        return f"{LIMITS.seed.describe()}, or null for a seed derived from the request"
-    if field == "species":
-        return f"a non-empty string of at most {n.name} characters"
-    if field == "scientific_name":
-        return f"a string of at most {n.name} characters, or null"
-    if field == "species_id":
-        return f"letters, digits and _ . : - (at most {n.species_id} characters), or null"
-    if field in ("prompt", "negative_prompt"):
-        return f"a string of at most {n.prompt} characters, or null"
-    if field == "family":
-        return f"{', '.join(CATALOGUE.groups)}, or null"
-    if field == "format":
-        aliases = ", ".join(f"{a} = {t}" for a, t in LIMITS.format_aliases.items())
-        return ", ".join(LIMITS.formats) + (f" (also {aliases})" if aliases else "")
-    if field == "habitat":
-        return f"{', '.join(VOCABULARY.allowed(field))}, or null"
-    if field in ("pose", "season", "lighting", "style"):
-        return ", ".join(VOCABULARY.allowed(field))
-    return f"the fields {', '.join(ImageRequest.model_fields)}"
+class _Request(BaseModel):
+    """What every request shares: strict parsing, one RequestError per problem, canonical form, seed.
 
-
-def _text(value: str, field: str) -> str:
-    """Stripped text; rejects what cannot be encoded (lone surrogates) so hashing never fails later."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(field, value, f"valid Unicode text: {_allowed(field)}") from None
-    return value.strip()
-
-
-class ImageRequest(BaseModel):
-    """One image to generate. Values are normalised on construction (stripped, canonical spelling).
-
-    Case and spelling variants are accepted and stored canonically: "Perched" -> "perched",
-    "Golden Hour" -> "golden-hour", "fall" -> "autumn" (vocabulary aliases), "passeriformes" ->
-    "Passeriformes", "JPG" -> "jpeg". Empty optional strings mean null. Integers are strict: no
-    bools, floats or numeric strings. Invalid input raises RequestError, never a pydantic error.
+    Fields come in groups (the classes below), each declared once; ImageRequest and AnimationRequest
+    compose them. The validators here serve whichever request declares the field, checking it
+    against that request kind's `_limits` (sizes, steps, formats, and an animation's length).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    species: str
-    scientific_name: str | None = None
-    species_id: str | None = None
-    family: str | None = None
-    pose: str = _DEFAULTS.pose
-    season: str = _DEFAULTS.season
-    lighting: str = _DEFAULTS.lighting
-    style: str = _DEFAULTS.style
-    habitat: str | None = _DEFAULTS.habitat
-    width: int = LIMITS.width.default
-    height: int = LIMITS.height.default
-    steps: int = LIMITS.steps.default
-    seed: int | None = None
-    format: str = LIMITS.default_format
-    prompt: str | None = None
-    negative_prompt: str | None = None
+    _limits: ClassVar[_OutputLimits] = LIMITS
 
     def __init__(self, **data: Any) -> None:
         for key, value in data.items():
             if key not in type(self).model_fields:
-                raise RequestError(key, value, _allowed("request"))
+                raise RequestError(key, value, self._allowed("request"))
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _request_error(exc) from None
+            raise _request_error(exc, type(self)) from None
 
-    @field_validator("species", "scientific_name")
+    @classmethod
+    def _allowed(cls, field: str) -> str:
+        """What `field` accepts, in words: the `allowed` of every RequestError about it."""
+        n = LIMITS.max_length
+        if field in ("width", "height", "steps", "fps"):
+            return getattr(cls._limits, field).describe()
+        if field == "duration_seconds":
+            return (
+                f"{ANIMATION.duration_seconds.describe()} seconds, with duration × fps a whole number "
+                f"of frames, at most {ANIMATION.max_frames}"
+            )
+        if field == "seed":
+            return f"{LIMITS.seed.describe()}, or null for a seed derived from the request"
+        if field == "species":
+            return f"a non-empty string of at most {n.name} characters"
+        if field == "scientific_name":
+            return f"a string of at most {n.name} characters, or null"
+        if field == "species_id":
+            return f"letters, digits and _ . : - (at most {n.species_id} characters), or null"
+        if field in ("prompt", "negative_prompt"):
+            return f"a string of at most {n.prompt} characters, or null"
+        if field == "family":
+            return f"{', '.join(CATALOGUE.groups)}, or null"
+        if field == "format":
+            aliases = ", ".join(f"{a} = {t}" for a, t in cls._limits.format_aliases.items())
+            return ", ".join(cls._limits.formats) + (f" (also {aliases})" if aliases else "")
+        if field == "habitat":
+            return f"{', '.join(VOCABULARY.allowed(field))}, or null"
+        if field in FIELDS:
+            return ", ".join(VOCABULARY.allowed(field))
+        return f"the fields {', '.join(cls.model_fields)}"
+
+    @classmethod
+    def _text(cls, value: str, field: str) -> str:
+        """Stripped text; rejects what cannot be encoded (lone surrogates) so hashing never fails later."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(field, value, f"valid Unicode text: {cls._allowed(field)}") from None
+        return value.strip()
+
+    @field_validator("species", "scientific_name", check_fields=False)
     @classmethod
     def _name(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        name = " ".join(_text(value, info.field_name).split())
+        name = " ".join(cls._text(value, info.field_name).split())
         if not name and info.field_name != "species":
             return None
         if not name or len(name) > LIMITS.max_length.name or _CONTROL.search(name):
-            raise RequestError(info.field_name, value, _allowed(info.field_name))
+            raise RequestError(info.field_name, value, cls._allowed(info.field_name))
         return name
 
-    @field_validator("species_id")
+    @field_validator("species_id", check_fields=False)
     @classmethod
     def _species_id(cls, value: str | None) -> str | None:
-        text = _text(value, "species_id") if value is not None else ""
+        text = cls._text(value, "species_id") if value is not None else ""
         if not text:
             return None
         if len(text) > LIMITS.max_length.species_id or not _SPECIES_ID.match(text):
-            raise RequestError("species_id", value, _allowed("species_id"))
+            raise RequestError("species_id", value, cls._allowed("species_id"))
         return text
 
-    @field_validator("prompt", "negative_prompt")
+    @field_validator("prompt", "negative_prompt", check_fields=False)
     @classmethod
     def _prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
-        text = _text(value, info.field_name) if value is not None else ""
+        text = cls._text(value, info.field_name) if value is not None else ""
         if len(text) > LIMITS.max_length.prompt:
-            raise RequestError(info.field_name, value, _allowed(info.field_name))
+            raise RequestError(info.field_name, value, cls._allowed(info.field_name))
         return text or None
 
-    @field_validator("family")
+    @field_validator("family", check_fields=False)
     @classmethod
     def _family(cls, value: str | None) -> str | None:
-        text = _text(value, "family") if value is not None else ""
+        text = cls._text(value, "family") if value is not None else ""
         if not text:
             return None
         family = CATALOGUE.canonical_group(text)
         if family is None:
-            raise RequestError("family", value, _allowed("family"))
+            raise RequestError("family", value, cls._allowed("family"))
         return family
 
-    @field_validator("pose", "season", "lighting", "style", "habitat")
+    @field_validator(*FIELDS, check_fields=False)
     @classmethod
     def _vocabulary(cls, value: str | None, info: ValidationInfo) -> str | None:
-        text = _text(value, info.field_name) if value is not None else ""
+        text = cls._text(value, info.field_name) if value is not None else ""
         if not text and info.field_name == "habitat":
             return None
         key = VOCABULARY.canonical(info.field_name, text)
         if key is None:
-            raise RequestError(info.field_name, value, _allowed(info.field_name))
+            raise RequestError(info.field_name, value, cls._allowed(info.field_name))
         return key
 
-    @field_validator("width", "height", "steps", "seed")
+    @field_validator("width", "height", "steps", "seed", "duration_seconds", "fps", check_fields=False)
     @classmethod
-    def _in_range(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and not getattr(LIMITS, info.field_name).contains(value):
-            raise RequestError(info.field_name, value, _allowed(info.field_name))
+    def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limit = LIMITS.seed if info.field_name == "seed" else getattr(cls._limits, info.field_name)
+        if value is not None and not limit.contains(value):
+            raise RequestError(info.field_name, value, cls._allowed(info.field_name))
         return value
 
-    @field_validator("format")
+    @field_validator("format", check_fields=False)
     @classmethod
     def _format(cls, value: str) -> str:
-        fmt = LIMITS.canonical_format(_text(value, "format"))
+        fmt = cls._limits.canonical_format(cls._text(value, "format"))
         if fmt is None:
-            raise RequestError("format", value, _allowed("format"))
+            raise RequestError("format", value, cls._allowed("format"))
         return fmt
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,9 +349,10 @@ class ImageRequest(BaseModel):
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     def resolved_seed(self) -> int:
-        """The seed, or one derived from the request so a repeated request gives the same image.
+        """The seed, or one derived from the request so a repeated request gives the same result.
 
-        The output format is left out: the PNG and the WebP of one request show the same picture.
+        The output format is left out: the PNG and the WebP of one request show the same picture
+        (the WebP and the GIF of one animation, the same frames).
         """
         if self.seed is not None:
             return self.seed
@@ -312,7 +362,112 @@ class ImageRequest(BaseModel):
         return int.from_bytes(digest.digest()[:8], "big") & _SEED_MASK
 
 
-def _request_error(exc: ValidationError) -> RequestError:
+# The field groups. pydantic orders a model's fields base by base starting from its LAST base, so a
+# request lists its groups last-first; that order is the order errors are reported in.
+
+
+class _Subject(_Request):
+    species: str
+    scientific_name: str | None = None
+    species_id: str | None = None
+    family: str | None = None
+
+
+class _Pose(_Request):
+    pose: str = _DEFAULTS.pose
+
+
+class _Behaviour(_Request):
+    behaviour: str = _DEFAULTS.behaviour
+
+
+class _Picture(_Request):
+    """The look and the render settings; the size and steps defaults are an image's."""
+
+    season: str = _DEFAULTS.season
+    lighting: str = _DEFAULTS.lighting
+    style: str = _DEFAULTS.style
+    habitat: str | None = _DEFAULTS.habitat
+    width: int = LIMITS.width.default
+    height: int = LIMITS.height.default
+    steps: int = LIMITS.steps.default
+    seed: int | None = None
+
+
+class _ImageFormat(_Request):
+    format: str = LIMITS.default_format
+
+
+class _Clip(_Request):
+    duration_seconds: float = ANIMATION.duration_seconds.default
+    fps: int = ANIMATION.fps.default
+    format: str = ANIMATION.default_format
+
+
+class _Overrides(_Request):
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+
+class ImageRequest(_Overrides, _ImageFormat, _Picture, _Pose, _Subject):
+    """One image to generate. Values are normalised on construction (stripped, canonical spelling).
+
+    Case and spelling variants are accepted and stored canonically: "Perched" -> "perched",
+    "Golden Hour" -> "golden-hour", "fall" -> "autumn" (vocabulary aliases), "passeriformes" ->
+    "Passeriformes", "JPG" -> "jpeg". Empty optional strings mean null. Integers are strict: no
+    bools, floats or numeric strings. Invalid input raises RequestError, never a pydantic error.
+    """
+
+
+class AnimationRequest(_Overrides, _Clip, _Picture, _Behaviour, _Subject):
+    """One animation (AnimateDiff) to generate: the image request's fields, with a behaviour (what
+    the bird does: "flying", "feeding") in place of the pose, and a length.
+
+    Normalised and validated like ImageRequest, against the `animation` limits (smaller sizes,
+    4 steps by default, webp/gif/both). duration_seconds may be fractional (2.5) as long as
+    duration × fps is a whole number of frames (2.5 s at 8 fps is 20), at most `max_frames`; an int
+    duration is stored as a float, so 2 and 2.0 are one request.
+    """
+
+    _limits: ClassVar[_OutputLimits] = ANIMATION
+
+    # Same fields as an image's, with an animation's defaults (the position stays _Picture's).
+    width: int = ANIMATION.width.default
+    height: int = ANIMATION.height.default
+    steps: int = ANIMATION.steps.default
+
+    @property
+    def num_frames(self) -> int:
+        """duration_seconds × fps, a whole number (validated)."""
+        return round(self.duration_seconds * self.fps)
+
+    @model_validator(mode="after")
+    def _frames(self) -> AnimationRequest:
+        _check_frames(self, ANIMATION.max_frames)
+        return self
+
+
+def _check_frames(request: AnimationRequest, max_frames: int) -> None:
+    """A whole number of frames, at most `max_frames`; else a RequestError naming duration_seconds."""
+    duration, fps = request.duration_seconds, request.fps
+    frames = _frame_count(duration, fps)
+    if frames is None:
+        raise RequestError(
+            "duration_seconds",
+            duration,
+            f"{ANIMATION.duration_seconds.describe()} seconds making a whole number of frames "
+            f"(duration × fps): at {fps} fps, a multiple of 1/{fps} s",
+        )
+    if frames > max_frames:
+        raise RequestError(
+            "duration_seconds",
+            duration,
+            f"at most {max_frames} frames: duration × fps ≤ {max_frames} "
+            f"(at {fps} fps, at most {max_frames / fps:g} s)",
+        )
+
+
+def _request_error(exc: ValidationError, request_type: type[_Request]) -> RequestError:
     """The first problem pydantic found, as a RequestError naming field, value and what is allowed."""
     err = exc.errors()[0]
     field = str(err["loc"][0]) if err["loc"] else "request"
@@ -320,8 +475,8 @@ def _request_error(exc: ValidationError) -> RequestError:
     if isinstance(cause, RequestError):
         return cause
     if err["type"] == "missing":
-        return RequestError(field, MISSING, _allowed(field))
-    return RequestError(field, err.get("input"), _allowed(field))
+        return RequestError(field, MISSING, request_type._allowed(field))
+    return RequestError(field, err.get("input"), request_type._allowed(field))
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -333,14 +488,8 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def parse_image_request(data: Mapping[str, Any] | str | bytes | ImageRequest) -> ImageRequest:
-    """An ImageRequest from a mapping or JSON text; raises RequestError for the first problem.
-
-    Unknown fields are reported before anything else (usually a typo), then fields in declaration
-    order. Invalid JSON or a non-object is reported for the field "request".
-    """
-    if isinstance(data, ImageRequest):
-        return data
+def _request_fields(data: Mapping[str, Any] | str | bytes, request_type: type[_Request]) -> Mapping[str, Any]:
+    """The fields of a request given as a mapping or JSON text, checked to be an object of names."""
     if isinstance(data, str | bytes | bytearray):
         try:
             data = json.loads(data, object_pairs_hook=_reject_duplicates)
@@ -349,8 +498,38 @@ def parse_image_request(data: Mapping[str, Any] | str | bytes | ImageRequest) ->
         except (ValueError, RecursionError) as exc:
             raise RequestError("request", data, f"a JSON object of request fields ({exc})") from None
     if not isinstance(data, Mapping):
-        raise RequestError("request", data, f"a JSON object with {_allowed('request')}")
+        raise RequestError("request", data, f"a JSON object with {request_type._allowed('request')}")
     for key in data:
         if not isinstance(key, str):
-            raise RequestError("request", key, f"string keys naming {_allowed('request')}")
-    return ImageRequest(**data)
+            raise RequestError("request", key, f"string keys naming {request_type._allowed('request')}")
+    return data
+
+
+def parse_image_request(data: Mapping[str, Any] | str | bytes | ImageRequest) -> ImageRequest:
+    """An ImageRequest from a mapping or JSON text; raises RequestError for the first problem.
+
+    Unknown fields are reported before anything else (usually a typo), then fields in declaration
+    order. Invalid JSON or a non-object is reported for the field "request".
+    """
+    if isinstance(data, ImageRequest):
+        return data
+    return ImageRequest(**_request_fields(data, ImageRequest))
+
+
+def parse_animation_request(
+    data: Mapping[str, Any] | str | bytes | AnimationRequest, *, max_frames: int | None = None
+) -> AnimationRequest:
+    """An AnimationRequest from a mapping or JSON text; raises RequestError for the first problem.
+
+    Problems are reported as by parse_image_request. `max_frames` lowers the frame cap of
+    limits.yaml (a server with less GPU memory); a longer request is refused for duration_seconds
+    just as the bundled cap refuses it.
+    """
+    request = (
+        data
+        if isinstance(data, AnimationRequest)
+        else AnimationRequest(**_request_fields(data, AnimationRequest))
+    )
+    if max_frames is not None:
+        _check_frames(request, max_frames)
+    return request

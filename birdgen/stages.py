@@ -7,6 +7,7 @@ dynamic: Triton's dynamic batcher merges requests along it. No torch here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,8 @@ NUMPY_TYPES: dict[str, type[np.generic]] = {
 
 # The image size engines are tuned and warmed up for (TensorRT's "opt" profile point).
 COMMON_SIZE_PX = 512
+# Frames the SDXL motion module attends over at once (AnimateDiff's context length).
+MOTION_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,40 @@ def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
     return {s.name: s for s in specs}
 
 
-def image_sizes(dims: ModelDims, latent_height: int, latent_width: int) -> dict[str, int]:
-    """All named axes for one latent size."""
+def motion_unet_spec(dims: ModelDims, max_frames: int) -> StageSpec:
+    """AnimateDiff's motion UNet: the SDXL UNet with motion modules, one clip (C, frames, h, w) per item.
+
+    Frames fold into the UNet's own batch inside the engine; one item per execution because the
+    dynamo-exported graph specialises that batch fold (a clip of 16 frames is 16 images of work, so
+    merging clips across requests gains little). Prompt embeddings come once per clip and are
+    repeated per frame inside, as AnimateDiffSDXLPipeline does before its UNet call.
+    """
+    unet = stage_specs(dims)["unet"]
+    clip = (dims.latent_channels, "frames", "latent_height", "latent_width")
+    return dataclasses.replace(
+        unet,
+        name="motion_unet",
+        inputs=(TensorSpec("sample", "FP32", clip), *unet.inputs[1:]),
+        outputs=(TensorSpec("noise_pred", "FP32", clip),),
+        max_batch_size=1,
+        preferred_batch_sizes=(),
+        max_queue_delay_us=0,
+        dynamic_axes={**unet.dynamic_axes, "frames": (2, MOTION_WINDOW, max_frames)},
+    )
+
+
+def repository_specs(info: dict) -> dict[str, StageSpec]:
+    """The stages an exported repository serves, from its manifest.json or pipeline.json."""
+    specs = stage_specs(ModelDims.from_dict(info["dims"]))
+    if info.get("motion_max_frames"):
+        specs["motion_unet"] = motion_unet_spec(ModelDims.from_dict(info["dims"]), info["motion_max_frames"])
+    return specs
+
+
+def image_sizes(dims: ModelDims, latent_height: int, latent_width: int, frames: int = 0) -> dict[str, int]:
+    """All named axes for one latent size (and clip length)."""
     return {
+        "frames": frames or MOTION_WINDOW,
         "latent_height": latent_height,
         "latent_width": latent_width,
         "image_height": latent_height * dims.vae_scale_factor,

@@ -17,6 +17,7 @@ from pathlib import Path
 from birdgen.prompts import PromptLibrary
 
 SEED = 20261125
+MOTION_ADAPTER = "motion_adapter"
 VOCAB_SIZE = 1000
 MAX_TOKENS = 77
 
@@ -132,7 +133,7 @@ def _write_tokenizer(path: Path, vocab: dict[str, int], merges: list[str], pad_t
 def write_tiny_model(out: Path, seed: int = SEED) -> Path:
     """Write the tiny SDXL-Turbo folder to `out` and return it."""
     import torch
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out)
@@ -209,6 +210,17 @@ def write_tiny_model(out: Path, seed: int = SEED) -> Path:
         force_upcast=True,
     )
     vae.save_pretrained(out / "vae")
+
+    # AnimateDiff's SDXL motion module is a separate download (not part of sdxl-turbo); the tiny one
+    # sits beside the parts, where `birdgen export` looks for it by default. Its widths follow the UNet's.
+    MotionAdapter(
+        block_out_channels=(32, 64, 64),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=8,
+        motion_max_seq_length=32,
+        use_motion_mid_block=False,
+    ).save_pretrained(out / MOTION_ADAPTER)
 
     EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER).save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(

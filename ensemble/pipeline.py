@@ -48,6 +48,8 @@ class StageRunner(Protocol):
 
     def ready_version(self, model: str, versions: Sequence[int]) -> int: ...
 
+    def max_batch(self, stage: str) -> int: ...
+
     def run(
         self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = ...
     ) -> Tensors: ...
@@ -188,10 +190,12 @@ class ImagePipeline:
         return embeds, out_2["text_embeds"], truncated
 
     def prepare_latents(
-        self, height: int, width: int, generator: torch.Generator, sigma: Any
+        self, height: int, width: int, generator: torch.Generator, sigma: Any, frames: int = 0
     ) -> torch.Tensor:
+        """Initial noise: (1, C, h, w) for an image, (1, C, frames, h, w) for a clip, as diffusers draws."""
         factor = self.dims.vae_scale_factor
-        shape = (1, self.dims.latent_channels, height // factor, width // factor)
+        clip = (frames,) if frames else ()
+        shape = (1, self.dims.latent_channels, *clip, height // factor, width // factor)
         return (
             randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32) * sigma
         )

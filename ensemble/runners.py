@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from birdgen.engines import Engine, engine_kind
-from birdgen.model_folder import ModelDims
-from birdgen.stages import StageSpec, stage_specs
+from birdgen.stages import StageSpec, repository_specs
 
 Tensors = dict[str, np.ndarray]
 # Triton's messages for a model or version that is not (or no longer) loaded.
@@ -42,12 +41,15 @@ class LocalRunner:
         self.repository = Path(repository)
         manifest = json.loads((self.repository / "manifest.json").read_text())
         self.kind = engine_kind(manifest["engine"])
-        self.specs = stage_specs(ModelDims.from_dict(manifest["dims"]))
+        self.specs = repository_specs(manifest)
         self.device = device
         self.engines: dict[tuple[str, int], Engine] = {}
 
     def ready_version(self, model: str, versions: Sequence[int]) -> int:
         return versions[0]
+
+    def max_batch(self, stage: str) -> int:
+        return self.specs[stage].max_batch_size
 
     def run(
         self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = 1
@@ -71,6 +73,9 @@ class BlsRunner:
 
         self.pb = pb_utils
         self.specs = specs
+
+    def max_batch(self, stage: str) -> int:
+        return self.specs[stage].max_batch_size
 
     def ready_version(self, model: str, versions: Sequence[int]) -> int:
         """The newest version on disk that Triton has ready; loads the model first if none is."""

@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from birdgen.engines import Engine, engine_kind
-from birdgen.model_folder import ModelDims
 from birdgen.schema import RequestError
-from birdgen.stages import StageSpec, stage_specs
+from birdgen.stages import StageSpec, repository_specs
 
 
 def error_response(pb: Any, exc: BaseException) -> Any:
@@ -61,7 +60,7 @@ def load_stage(args: dict[str, str]) -> tuple[StageSpec, Engine]:
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     model_dir = Path(args["model_repository"])
     manifest = json.loads((model_dir.parent / "manifest.json").read_text())
-    spec = stage_specs(ModelDims.from_dict(manifest["dims"]))[params["stage"]]
+    spec = repository_specs(manifest)[params["stage"]]
     engine = engine_kind(params["engine"]).load(
         spec, model_dir / args["model_version"], instance_device(args)
     )

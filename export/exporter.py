@@ -24,9 +24,10 @@ import numpy as np
 import birdgen
 from birdgen.engines import engine_kind
 from birdgen.ensemble.routing import LORA_FILE, family_model
-from birdgen.model_folder import ModelDims, check_model_folder
+from birdgen.model_folder import ModelDims, check_model_folder, load_motion_adapter
 from birdgen.server import MODEL_BOOTSTRAP
-from birdgen.stages import StageSpec, image_sizes, stage_specs
+from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
+from birdgen.tiny_model import MOTION_ADAPTER
 
 ENTRY_MODEL = "bird_image"
 MANIFEST = "manifest.json"
@@ -95,7 +96,7 @@ def check_engine(spec: StageSpec, module: Any, engine: Any, dims: ModelDims) -> 
     import torch
 
     worst = 0.0
-    for batch, (lh, lw) in ((1, (64, 64)), (2, (32, 48))):
+    for batch, (lh, lw) in ((1, (64, 64)), (min(2, spec.max_batch_size), (32, 48))):
         sample = spec.sample_inputs(batch, image_sizes(dims, lh, lw), dims.vocab_size, seed=batch)
         with torch.no_grad():
             outs = module(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
@@ -127,7 +128,7 @@ def _build_stage(
 ) -> dict[str, Any]:
     """Build one engine into `version_dir`, check it against `module`, return its manifest record."""
     version_dir.mkdir(parents=True)
-    sample = spec.sample_inputs(2, image_sizes(dims, 64, 64), dims.vocab_size)
+    sample = spec.sample_inputs(min(2, spec.max_batch_size), image_sizes(dims, 64, 64), dims.vocab_size)
     artifacts = kind.build(spec, module, sample, version_dir)
     error = check_engine(spec, module, kind.load(spec, version_dir), dims)
     write_model_py("stage", version_dir)
@@ -146,6 +147,7 @@ def export_repository(
     out: Path,
     engine: str = "onnxruntime",
     loras: Mapping[str, Path] | None = None,
+    motion_adapter: Path | None = None,
     entry_instances: int = 4,
     force: bool = False,
     progress: Callable[[str], None] = print,
@@ -156,12 +158,14 @@ def export_repository(
     changed gets a new model version beside the old one (Triton serves the newest; the previous one
     stays on disk for a rollback). Every LoRA is checked before anything is written, and each new
     version is built outside the repository and moved in whole, so a failure leaves nothing half-written.
+    The AnimateDiff motion UNet is exported when a motion adapter is given or the folder has one
+    (`<model_dir>/motion_adapter`, where the tiny model writes it).
     """
     import time
 
     from birdgen.catalogue import Catalogue
     from birdgen.export.lora import fused_unet, validate_loras
-    from birdgen.export.modules import STAGE_PARTS, UNet, stage_module
+    from birdgen.export.modules import STAGE_PARTS, UNet, motion_unet_module, stage_module
     from birdgen.export.triton_config import stage_config, to_pbtxt
 
     model_dir, out = Path(model_dir).resolve(), Path(out)
@@ -173,11 +177,18 @@ def export_repository(
     old = _read_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = stage_specs(dims)
+    sources = {name: [model_dir / p for p in parts] for name, parts in STAGE_PARTS.items()}
+    adapter = Path(motion_adapter).resolve() if motion_adapter else model_dir / MOTION_ADAPTER
+    motion_max_frames = 0
+    if motion_adapter or adapter.is_dir():
+        motion_max_frames = int(load_motion_adapter(adapter).config.motion_max_seq_length)
+        specs["motion_unet"] = motion_unet_spec(dims, motion_max_frames)
+        sources["motion_unet"] = [model_dir / "unet", adapter]
     stages: dict[str, Any] = {}
     for spec in specs.values():
         start = time.perf_counter()
         version_dir = out / spec.name / "1"
-        key = stage_key(spec.name, [model_dir / p for p in STAGE_PARTS[spec.name]], kind.name, kind.settings)
+        key = stage_key(spec.name, sources[spec.name], kind.name, kind.settings)
         previous = old.get("stages", {}).get(spec.name, {})
         if not force and previous.get("key") == key and _intact(version_dir, previous.get("artifacts", {})):
             stages[spec.name] = previous
@@ -186,7 +197,10 @@ def export_repository(
             progress(f"{spec.name}: exporting ({kind.name})")
             if version_dir.exists():
                 shutil.rmtree(version_dir)
-            module = stage_module(model_dir, spec.name)
+            if spec.name == "motion_unet":
+                module = motion_unet_module(model_dir, adapter)
+            else:
+                module = stage_module(model_dir, spec.name)
             stages[spec.name] = {"key": key, **_build_stage(spec, module, kind, dims, version_dir)}
             progress(
                 f"{spec.name}: done in {time.perf_counter() - start:.1f}s, "
@@ -238,13 +252,16 @@ def export_repository(
 
     keys = "".join(s["key"] for s in stages.values())
     model_version = f"{model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
-    _write_entry(out, model_dir, dims, model_version, engine, entry_instances, family_records)
+    _write_entry(
+        out, model_dir, dims, model_version, engine, entry_instances, family_records, motion_max_frames
+    )
     manifest = {
         "birdgen_version": birdgen.__version__,
         "model_version": model_version,
         "source": str(model_dir),
         "engine": kind.name,
         "dims": dims.to_dict(),
+        "motion_max_frames": motion_max_frames,
         "versions": _versions(),
         "stages": stages,
         "families": family_records,
@@ -277,6 +294,7 @@ def _write_entry(
     engine: str,
     instances: int,
     families: dict[str, Any],
+    motion_max_frames: int,
 ) -> None:
     """The entry model's folder. A family roll-out gets a new entry version too: Triton's response
     cache keys on model name and version, so reloading onto the new version starts a fresh cache
@@ -299,7 +317,7 @@ def _write_entry(
         "model_version": model_version,
         "engine": engine,
         "dims": dims.to_dict(),
-        "stages": list(stage_specs(dims)),
+        "motion_max_frames": motion_max_frames,
         "families": served,
     }
     _write(version_dir / PIPELINE_FILE, json.dumps(pipeline, indent=2, sort_keys=True) + "\n")

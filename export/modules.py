@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from birdgen.model_folder import load_part
+from birdgen.model_folder import load_motion_adapter, load_part
 
 
 class TextEncoder(torch.nn.Module):
@@ -53,6 +53,55 @@ class UNet(torch.nn.Module):
             return_dict=False,
         )[0]
         return (noise,)
+
+
+class MotionUNet(torch.nn.Module):
+    """AnimateDiff's UNetMotionModel on one clip (B, C, frames, h, w), prompt embeddings once per clip."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        # AnimateDiffSDXLPipeline repeats the prompt embeddings per frame before its UNet call.
+        per_frame = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        noise = self.model(
+            sample,
+            timestep.reshape(-1),
+            encoder_hidden_states=per_frame,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        return (noise,)
+
+
+def motion_unet(unet2d: torch.nn.Module, adapter: torch.nn.Module) -> torch.nn.Module:
+    """diffusers' UNetMotionModel.from_unet2d, plus the SDXL text-time embedding it forgets to copy.
+
+    In diffusers 0.42.1 from_unet2d leaves `add_embedding` randomly initialised (raised in the review
+    of huggingface/diffusers PR 6721 and deferred), so AnimateDiffSDXLPipeline built from a 2-D UNet
+    conditions every frame on noise. birdgen copies it; the parity tests build the reference with
+    this same function.
+    """
+    from diffusers import UNetMotionModel
+
+    model = UNetMotionModel.from_unet2d(unet2d, adapter)
+    if getattr(unet2d, "add_embedding", None) is not None:
+        model.add_embedding.load_state_dict(unet2d.add_embedding.state_dict())
+    return model.eval()
+
+
+def motion_unet_module(model_dir: Path, motion_adapter: Path) -> MotionUNet:
+    """The folder's UNet with AnimateDiff's motion modules inserted."""
+    return MotionUNet(motion_unet(load_part(model_dir, "unet"), load_motion_adapter(motion_adapter))).eval()
 
 
 class VaeDecoder(torch.nn.Module):

@@ -109,7 +109,7 @@ def test_reexport_skips_unchanged_stages_and_redoes_a_damaged_one(
     start = time.perf_counter()
     after = export_repository(tiny_model, repo, progress=messages.append)
     assert time.perf_counter() - start < 15  # nothing exported: hashing only
-    assert all("up to date" in m for m in messages) and len(messages) == 4
+    assert all("up to date" in m for m in messages) and len(messages) == len(before["stages"])
     assert after["model_version"] == before["model_version"] and after["files"] == before["files"]
 
     onnx = repo / "text_encoder" / "1" / "model.onnx"

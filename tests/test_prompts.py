@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from birdgen.prompts import DEFAULT_VOCABULARY, DataFileError, Prompt, PromptLibrary
+from birdgen.prompts import DEFAULT_VOCABULARY, FIELDS, DataFileError, Prompt, PromptLibrary
 from birdgen.schema import CATALOGUE, ImageRequest
 
 CLIP_WINDOW = 77  # tokens, including the start and end tokens
@@ -22,7 +22,7 @@ def clip_tokens(text: str) -> int:
 
 @dataclass(frozen=True)
 class Req:
-    """A duck-typed request: `build` must not need an ImageRequest."""
+    """A duck-typed request: `build` must not need an ImageRequest (a behaviour makes it an animation's)."""
 
     species: str = "American Robin"
     scientific_name: str | None = "Turdus migratorius"
@@ -33,6 +33,11 @@ class Req:
     habitat: str | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
+    behaviour: str | None = None
+
+
+BEHAVIOURS = {"flying", "feeding", "singing", "preening", "hopping", "swimming", "bathing", "landing"}
+BEHAVIOURS |= {"taking-off", "walking", "calling", "displaying"}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,10 @@ def test_default_library_is_cached_and_has_the_promised_entries(lib: PromptLibra
     assert set(lib.allowed("season")) == {"spring", "summer", "autumn", "winter", "breeding", "non-breeding"}
     assert {"photo", "field-guide", "watercolor", "pencil-sketch"} <= set(lib.allowed("style"))
     assert {"forest", "wetland", "shoreline", "grassland", "garden", "urban"} <= set(lib.allowed("habitat"))
+    assert set(lib.allowed("behaviour")) >= BEHAVIOURS
+    assert lib.defaults.behaviour in lib.allowed("behaviour")
     assert len(lib.example_species) >= 20
-    with pytest.raises(ValueError, match=r"'colour'.*pose, season, lighting, style, habitat"):
+    with pytest.raises(ValueError, match=r"'colour'.*pose, season, lighting, style, habitat, behaviour"):
         lib.allowed("colour")
 
 
@@ -65,14 +72,29 @@ def test_default_photo_prompt_for_american_robin(lib: PromptLibrary) -> None:
     assert "watermark" in prompt.negative and "illustration" in prompt.negative
 
 
-@pytest.mark.parametrize("field", ["pose", "season", "lighting", "habitat"])
+@pytest.mark.parametrize("field", ["pose", "season", "lighting", "habitat", "behaviour"])
 def test_every_entry_builds_a_prompt_with_its_phrase(lib: PromptLibrary, field: str) -> None:
-    section = getattr(
-        lib, {"pose": "poses", "season": "seasons", "lighting": "lightings", "habitat": "habitats"}[field]
-    )
+    section = getattr(lib, FIELDS[field])
     for key, phrase in section.items():
         text = lib.build(replace(Req(), **{field: key})).text
         assert phrase in text, (field, key, text)
+
+
+def test_a_behaviour_takes_the_place_of_the_pose(lib: PromptLibrary) -> None:
+    still = lib.build(Req(pose="perched")).text
+    moving = lib.build(Req(pose="perched", behaviour="Taking Off")).text
+    assert moving == still.replace(lib.poses["perched"], lib.behaviours["taking-off"])
+    assert lib.poses["perched"] not in moving
+    assert lib.build(Req(behaviour="eating")) == lib.build(Req(behaviour="feeding"))  # an alias
+    with pytest.raises(ValueError, match="invalid 'behaviour': got 'moonwalking'; allowed: flying"):
+        lib.build(Req(behaviour="moonwalking"))
+
+
+def test_no_behaviour_is_longer_than_the_longest_pose(lib: PromptLibrary) -> None:
+    # So an animation prompt fits CLIP's window whenever the worst image prompt does.
+    longest_pose = max(clip_tokens(phrase) for phrase in lib.poses.values())
+    for key, phrase in lib.behaviours.items():
+        assert clip_tokens(phrase) <= longest_pose, (key, phrase)
 
 
 def test_every_style_uses_its_template_and_negative_terms(lib: PromptLibrary) -> None:
@@ -99,10 +121,12 @@ def test_longest_combination_fits_clip_window_in_every_style(lib: PromptLibrary)
         lighting=longest(lib.lightings),
         habitat=longest(lib.habitats),
     )
+    worst_animation = replace(worst, behaviour=longest(lib.behaviours))
     for style in lib.styles:
-        prompt = lib.build(replace(worst, style=style))
-        assert clip_tokens(prompt.text) < CLIP_WINDOW, (style, clip_tokens(prompt.text), prompt.text)
-        assert clip_tokens(prompt.negative) < CLIP_WINDOW, (style, prompt.negative)
+        for request in (worst, worst_animation):
+            prompt = lib.build(replace(request, style=style))
+            assert clip_tokens(prompt.text) < CLIP_WINDOW, (style, clip_tokens(prompt.text), prompt.text)
+            assert clip_tokens(prompt.negative) < CLIP_WINDOW, (style, prompt.negative)
 
 
 def test_missing_habitat_and_scientific_name_leave_no_gaps(lib: PromptLibrary) -> None:
@@ -152,8 +176,9 @@ def test_example_species_are_valid_requests(lib: PromptLibrary) -> None:
 def test_corpus_covers_the_library(lib: PromptLibrary) -> None:
     corpus = lib.corpus()
     assert corpus == PromptLibrary.load().corpus()
-    for phrase in [*lib.poses.values(), *lib.lightings.values(), *lib.negative, "telephoto lens"]:
+    for phrase in [*lib.poses.values(), *lib.behaviours.values(), *lib.lightings.values(), *lib.negative]:
         assert phrase in corpus
+    assert "telephoto lens" in corpus
     assert "Turdus migratorius" in corpus and "Northern Cardinal" in corpus
     assert "{" not in corpus
 
@@ -184,6 +209,11 @@ BROKEN = [
     ("  midday: bright midday sun\n", "  midday: [bright]\n", "lightings.midday"),
     ("defaults:\n", "defaults: [\n", "vocabulary.yaml"),
     ("quality:\n", "colour: red\nquality:\n", "colour"),
+    ("  flying: flapping its wings in flight\n", "  flying: ''\n", "behaviours"),
+    ("  behaviour: calling\n", "  behaviour: moonwalking\n", "defaults.behaviour"),
+    ("  behaviour: calling\n", "", "defaults.behaviour"),
+    ("    eating: feeding\n", "    eating: munching\n", "aliases.behaviour.eating"),
+    ("    eating: feeding\n", "    feeding: flying\n", "aliases.behaviour.feeding"),
 ]
 
 

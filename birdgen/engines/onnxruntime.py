@@ -47,11 +47,18 @@ def export_onnx(spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], 
     # (whose ops no SDXL stage uses) is absent.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
-    dims: dict[str, Any] = {"batch": torch.export.Dim("batch", min=1, max=max(spec.max_batch_size, 2))}
+    # A stage serving one item per execution gets a static batch of 1 (see motion_unet_spec).
+    batched = spec.max_batch_size > 1
+    dims: dict[str, Any] = (
+        {"batch": torch.export.Dim("batch", min=1, max=spec.max_batch_size)} if batched else {}
+    )
     for name, (low, _, high) in spec.dynamic_axes.items():
         dims[name] = torch.export.Dim(name, min=low, max=high)
     dynamic_shapes = {
-        t.name: {0: dims["batch"], **{i + 1: dims[d] for i, d in enumerate(t.dims) if isinstance(d, str)}}
+        t.name: {
+            **({0: dims["batch"]} if batched else {}),
+            **{i + 1: dims[d] for i, d in enumerate(t.dims) if isinstance(d, str)},
+        }
         for t in spec.inputs
     }
     args = tuple(torch.from_numpy(sample[t.name]) for t in spec.inputs)

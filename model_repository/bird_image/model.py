@@ -14,16 +14,15 @@ import triton_python_backend_utils as pb_utils
 from birdgen.ensemble.pipeline import ImagePipeline
 from birdgen.ensemble.runners import BlsRunner
 from birdgen.ensemble.triton_model import bytes_tensor, read_bytes, respond_each
-from birdgen.model_folder import ModelDims
 from birdgen.schema import parse_image_request
-from birdgen.stages import stage_specs
+from birdgen.stages import repository_specs
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        dims = ModelDims.from_dict(json.loads((version_dir / "pipeline.json").read_text())["dims"])
-        self.pipeline = ImagePipeline(version_dir, BlsRunner(stage_specs(dims)))
+        info = json.loads((version_dir / "pipeline.json").read_text())
+        self.pipeline = ImagePipeline(version_dir, BlsRunner(repository_specs(info)))
 
     def execute(self, requests: list) -> list:
         return respond_each(pb_utils, requests, self._generate)
