@@ -13,27 +13,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from birdgen.schema import AnimationRequest, ImageRequest
+
 DEFAULT_REPO = Path("outputs/model_repository")
-REQUEST_FIELDS = (
-    "species",
-    "scientific_name",
-    "species_id",
-    "family",
-    "pose",
-    "season",
-    "lighting",
-    "style",
-    "habitat",
-    "width",
-    "height",
-    "steps",
-    "seed",
-    "format",
-    "prompt",
-    "negative_prompt",
-)
-INT_FIELDS = {"width", "height", "steps", "seed"}
-# What `birdgen demo` asks for (the tests start from it too).
+INT_FIELDS = {"width", "height", "steps", "seed", "fps"}
+# What `birdgen demo` asks for (the tests start from the image request too).
 DEMO_REQUEST = {
     "species": "American Robin",
     "scientific_name": "Turdus migratorius",
@@ -46,6 +30,11 @@ DEMO_REQUEST = {
     "width": 512,
     "height": 512,
     "format": "png",
+}
+DEMO_ANIMATION = {
+    **{k: v for k, v in DEMO_REQUEST.items() if k not in ("pose", "steps", "format")},
+    "behaviour": "singing",
+    "format": "both",
 }
 
 
@@ -125,8 +114,8 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request_fields(args: argparse.Namespace) -> dict[str, object]:
-    return {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name) is not None}
+def _request_fields(args: argparse.Namespace, request: type) -> dict[str, object]:
+    return {name: getattr(args, name) for name in request.model_fields if getattr(args, name) is not None}
 
 
 def _output_path(out: Path, fmt: str) -> Path:
@@ -137,15 +126,27 @@ def _generate_image(args: argparse.Namespace) -> int:
     from birdgen.client import BirdClient
 
     with BirdClient(args.url, timeout_s=args.timeout) as client:
-        image = client.generate_image(**_request_fields(args))
+        image = client.generate_image(**_request_fields(args, ImageRequest))
     path = image.save(_output_path(args.out, image.format))
     print(json.dumps(image.metadata, indent=2, sort_keys=True))
     print(f"wrote {path} ({len(image.data)} bytes)", file=sys.stderr)
     return 0
 
 
+def _generate_animation(args: argparse.Namespace) -> int:
+    from birdgen.client import BirdClient
+
+    with BirdClient(args.url, timeout_s=args.timeout) as client:
+        clip = client.generate_animation(**_request_fields(args, AnimationRequest))
+    written = clip.save(args.out, gif=args.gif, poster=args.poster)
+    print(json.dumps(clip.metadata, indent=2, sort_keys=True))
+    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: tiny model -> export -> Triton -> one labelled image."""
+    """The main job on the embedded default: tiny model -> export -> Triton -> a labelled image and
+    animation (WebP, GIF and poster) of the sample species."""
     import time
 
     from birdgen.client import BirdClient
@@ -168,6 +169,11 @@ def _demo(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             image = client.generate_image(**DEMO_REQUEST)
             seconds = time.perf_counter() - start
+            clip, clip_seconds = None, 0.0
+            if "bird_animation" in manifest.get("entries", []):
+                start = time.perf_counter()
+                clip = client.generate_animation(**DEMO_ANIMATION)
+                clip_seconds = time.perf_counter() - start
     path = image.save(out / "american_robin.png")
     (out / "american_robin.json").write_text(json.dumps(image.metadata, indent=2, sort_keys=True) + "\n")
     print(
@@ -175,6 +181,17 @@ def _demo(args: argparse.Namespace) -> int:
         f"{seconds * 1000:.0f} ms through Triton; metadata in {out / 'american_robin.json'}"
     )
     print(f"[demo] prompt: {image.metadata['prompt']}")
+    if clip is not None:
+        files = clip.save(
+            out / "american_robin.webp",
+            gif=out / "american_robin.gif",
+            poster=out / "american_robin_poster.png",
+        )
+        sizes = ", ".join(f"{p.name} {p.stat().st_size} bytes" for p in files)
+        print(
+            f"[demo] animation ({clip.metadata['frames']} frames at {clip.metadata['fps']} fps, "
+            f"{clip.metadata['behaviour']}) in {clip_seconds:.1f} s: {sizes}"
+        )
     return 0
 
 
@@ -197,12 +214,11 @@ def _train_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    for name in REQUEST_FIELDS:
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(
-            flag, dest=name, type=int if name in INT_FIELDS else str, required=name == "species"
-        )
+def _add_request_arguments(parser: argparse.ArgumentParser, request: type) -> None:
+    """One flag per field of the request schema (the schema is the single source of the fields)."""
+    for name, field in request.model_fields.items():
+        kind = int if name in INT_FIELDS else float if name == "duration_seconds" else str
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, required=field.is_required())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,8 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--timeout", type=float, default=120.0)
-    _add_request_arguments(p)
+    _add_request_arguments(p, ImageRequest)
     p.set_defaults(run=_generate_image)
+    p = generate.add_parser("animation", help="one bird animation (animated WebP / GIF + poster)")
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
+    p.add_argument("--out", type=Path, required=True, help="the WebP (or the GIF with --format gif)")
+    p.add_argument("--gif", type=Path, help="also write the GIF here (needs --format both or gif)")
+    p.add_argument("--poster", type=Path, help="also write the PNG poster frame here")
+    p.add_argument("--timeout", type=float, default=300.0)
+    _add_request_arguments(p, AnimationRequest)
+    p.set_defaults(run=_generate_animation)
 
     p = commands.add_parser("demo", help="tiny model -> export -> Triton -> one labelled image under --out")
     p.add_argument("--out", type=Path, default=Path("outputs"))

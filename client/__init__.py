@@ -1,6 +1,6 @@
 """birdgen's client library (no torch): `BirdClient(url).generate_image(...)`."""
 
-from birdgen.client.client import BirdClient, GeneratedImage
+from birdgen.client.client import BirdClient, GeneratedAnimation, GeneratedImage
 from birdgen.client.errors import (
     BirdgenError,
     DeadlineExceededError,
@@ -13,6 +13,7 @@ __all__ = [
     "BirdClient",
     "BirdgenError",
     "DeadlineExceededError",
+    "GeneratedAnimation",
     "GeneratedImage",
     "GenerationError",
     "InvalidRequestError",

@@ -24,9 +24,16 @@ from birdgen.client.errors import (
     InvalidRequestError,
     ServerUnavailableError,
 )
-from birdgen.schema import ImageRequest, RequestError, parse_image_request
+from birdgen.schema import (
+    AnimationRequest,
+    ImageRequest,
+    RequestError,
+    parse_animation_request,
+    parse_image_request,
+)
 
 IMAGE_MODEL = "bird_image"
+ANIMATION_MODEL = "bird_animation"
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,32 @@ class GeneratedImage:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self.data)
         return path
+
+
+@dataclass(frozen=True)
+class GeneratedAnimation:
+    """An animation as animated WebP and/or GIF, a PNG poster frame, and the generation metadata."""
+
+    files: dict[str, bytes]  # "webp", "gif" (those asked for) and "poster"
+    metadata: dict[str, Any]
+
+    def save(
+        self, path: str | Path, *, gif: str | Path | None = None, poster: str | Path | None = None
+    ) -> list[Path]:
+        """Write the WebP (or the GIF, when only that was made) to `path`, and the others if asked."""
+        main = "webp" if "webp" in self.files else "gif"
+        targets = [(main, path)] + [
+            (name, p) for name, p in (("gif", gif), ("poster", poster)) if p is not None
+        ]
+        written = []
+        for name, target in targets:
+            if name not in self.files:
+                raise ValueError(f"no {name} in this animation (format was {self.metadata.get('format')!r})")
+            target = Path(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.files[name])
+            written.append(target)
+        return written
 
 
 class BirdClient:
@@ -72,6 +105,18 @@ class BirdClient:
         outputs = self._infer(IMAGE_MODEL, parsed.canonical_json(), ("image", "metadata"))
         metadata = json.loads(outputs["metadata"])
         return GeneratedImage(outputs["image"], metadata["format"], metadata)
+
+    def generate_animation(
+        self, request: AnimationRequest | Mapping[str, Any] | None = None, **fields: Any
+    ) -> GeneratedAnimation:
+        """Generate one clip (behaviour, duration_seconds, fps, format webp|gif|both, ...)."""
+        try:
+            parsed = parse_animation_request(request if request is not None else fields)
+        except RequestError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        outputs = self._infer(ANIMATION_MODEL, parsed.canonical_json(), ("webp", "gif", "poster", "metadata"))
+        metadata = json.loads(outputs.pop("metadata"))
+        return GeneratedAnimation({name: data for name, data in outputs.items() if data}, metadata)
 
     def _infer(self, model: str, request_json: str, outputs: tuple[str, ...]) -> dict[str, bytes]:
         from tritonclient.utils import InferenceServerException

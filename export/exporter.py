@@ -30,6 +30,7 @@ from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
 from birdgen.tiny_model import MOTION_ADAPTER
 
 ENTRY_MODEL = "bird_image"
+ANIMATION_MODEL = "bird_animation"
 MANIFEST = "manifest.json"
 PIPELINE_FILE = "pipeline.json"
 MODEL_PY_DIR = Path(__file__).resolve().parent.parent / "model_repository"
@@ -252,7 +253,7 @@ def export_repository(
 
     keys = "".join(s["key"] for s in stages.values())
     model_version = f"{model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
-    _write_entry(
+    entries = _write_entry(
         out, model_dir, dims, model_version, engine, entry_instances, family_records, motion_max_frames
     )
     manifest = {
@@ -262,6 +263,7 @@ def export_repository(
         "engine": kind.name,
         "dims": dims.to_dict(),
         "motion_max_frames": motion_max_frames,
+        "entries": entries,
         "versions": _versions(),
         "stages": stages,
         "families": family_records,
@@ -295,35 +297,43 @@ def _write_entry(
     instances: int,
     families: dict[str, Any],
     motion_max_frames: int,
-) -> None:
-    """The entry model's folder. A family roll-out gets a new entry version too: Triton's response
-    cache keys on model name and version, so reloading onto the new version starts a fresh cache
-    instead of answering repeats with the previous LoRA's images."""
-    from birdgen.export.triton_config import entry_config, to_pbtxt
+) -> list[str]:
+    """The entry models' folders; returns their names.
+
+    A family roll-out gets a new `bird_image` version too: Triton's response cache keys on model name
+    and version, so reloading onto the new version starts a fresh cache instead of answering repeats
+    with the previous LoRA's images. `bird_animation` exists when the motion UNet was exported.
+    """
+    from birdgen.export.triton_config import ANIMATION_OUTPUTS, ENTRY_OUTPUTS, entry_config, to_pbtxt
 
     served = {family: record["version"] for family, record in sorted(families.items())}
-    versions = _version_dirs(out / ENTRY_MODEL)
-    version = versions[-1] if versions else 1
-    if versions and _entry_families(out / ENTRY_MODEL / str(version)) != served:
-        version += 1
-    version_dir = out / ENTRY_MODEL / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    for part in ENTRY_PARTS:
-        if (version_dir / part).exists():
-            shutil.rmtree(version_dir / part)
-        shutil.copytree(model_dir / part, version_dir / part)
-    write_model_py(ENTRY_MODEL, version_dir)
-    pipeline = {
+    info = {
         "model_version": model_version,
         "engine": engine,
         "dims": dims.to_dict(),
         "motion_max_frames": motion_max_frames,
         "families": served,
     }
-    _write(version_dir / PIPELINE_FILE, json.dumps(pipeline, indent=2, sort_keys=True) + "\n")
-    _write(out / ENTRY_MODEL / "config.pbtxt", to_pbtxt(entry_config(ENTRY_MODEL, instances)))
+    versions = _version_dirs(out / ENTRY_MODEL)
+    version = versions[-1] if versions else 1
+    if versions and _entry_families(out / ENTRY_MODEL / str(version)) != served:
+        version += 1
+    entries = {ENTRY_MODEL: (version, ENTRY_OUTPUTS)}
+    if motion_max_frames:
+        entries[ANIMATION_MODEL] = (1, ANIMATION_OUTPUTS)
+    for name, (number, outputs) in entries.items():
+        version_dir = out / name / str(number)
+        version_dir.mkdir(parents=True, exist_ok=True)
+        for part in ENTRY_PARTS:
+            if (version_dir / part).exists():
+                shutil.rmtree(version_dir / part)
+            shutil.copytree(model_dir / part, version_dir / part)
+        write_model_py(name, version_dir)
+        _write(version_dir / PIPELINE_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _write(out / name / "config.pbtxt", to_pbtxt(entry_config(name, instances, outputs)))
     for stale in _version_dirs(out / ENTRY_MODEL)[:-KEEP_VERSIONS]:
         shutil.rmtree(out / ENTRY_MODEL / str(stale))
+    return list(entries)
 
 
 def _entry_families(version_dir: Path) -> dict[str, int] | None:
@@ -343,7 +353,7 @@ def core_models(repository: Path) -> list[str]:
         raise FileNotFoundError(
             f"{repository} has no {MANIFEST}: export a model into it first (birdgen export)"
         )
-    return [ENTRY_MODEL, *manifest["stages"]]
+    return [*manifest.get("entries", [ENTRY_MODEL]), *manifest["stages"]]
 
 
 def verify_manifest(repo: Path) -> list[str]:

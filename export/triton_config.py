@@ -15,6 +15,8 @@ from birdgen.model_folder import ModelDims
 from birdgen.stages import StageSpec, TensorSpec, image_sizes
 
 ENTRY_INPUT, ENTRY_OUTPUTS = "request", ("image", "metadata")
+# An empty string stands for a format the request did not ask for.
+ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
 
 
 def _add_tensor(field: Any, tensor: TensorSpec) -> None:
@@ -57,8 +59,8 @@ def stage_config(
     return config
 
 
-def entry_config(name: str, instances: int) -> mc.ModelConfig:
-    """The public entry model: one JSON request in, encoded image and metadata out.
+def entry_config(name: str, instances: int, outputs: tuple[str, ...] = ENTRY_OUTPUTS) -> mc.ModelConfig:
+    """A public entry model: one JSON request in, encoded files and metadata out.
 
     Each instance runs one request's denoising loop; several instances run concurrently so their UNet
     calls meet in the UNet's dynamic batcher. Same request -> same bytes, so Triton's response cache
@@ -66,7 +68,7 @@ def entry_config(name: str, instances: int) -> mc.ModelConfig:
     """
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     config.input.add(name=ENTRY_INPUT, data_type=mc.TYPE_STRING, dims=[1])
-    for output in ENTRY_OUTPUTS:
+    for output in outputs:
         config.output.add(name=output, data_type=mc.TYPE_STRING, dims=[1])
     config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     config.response_cache.enable = True

@@ -57,3 +57,11 @@ def reference_pipeline(tiny_model: Path):  # type: ignore[no-untyped-def]
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def animation_pipeline(repository: Path):  # type: ignore[no-untyped-def]
+    from birdgen.ensemble.animation import AnimationPipeline
+    from birdgen.ensemble.runners import LocalRunner
+
+    return AnimationPipeline(repository / "bird_image" / "1", LocalRunner(repository))

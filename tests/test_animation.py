@@ -21,14 +21,6 @@ CLIP = {k: v for k, v in ROBIN.items() if k not in ("pose", "format", "steps")} 
 
 
 @pytest.fixture(scope="module")
-def animation_pipeline(repository: Path):  # type: ignore[no-untyped-def]
-    from birdgen.ensemble.animation import AnimationPipeline
-    from birdgen.ensemble.runners import LocalRunner
-
-    return AnimationPipeline(repository / "bird_image" / "1", LocalRunner(repository))
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_model: Path):  # type: ignore[no-untyped-def]
     from diffusers import AnimateDiffSDXLPipeline, MotionAdapter, StableDiffusionXLPipeline
 
