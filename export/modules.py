@@ -30,11 +30,17 @@ class TextEncoder(torch.nn.Module):
 
 
 class UNet(torch.nn.Module):
-    """SDXL UNet with one timestep per batch item, so requests at different steps batch together."""
+    """SDXL UNet with one timestep per batch item, so requests at different steps batch together.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    With `clip=True` it wraps AnimateDiff's UNetMotionModel on one clip (B, C, frames, h, w) and takes
+    the prompt embeddings once per clip, repeating them per frame inside as AnimateDiffSDXLPipeline
+    does before its UNet call.
+    """
+
+    def __init__(self, model: torch.nn.Module, clip: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.clip = clip
 
     def forward(
         self,
@@ -44,39 +50,13 @@ class UNet(torch.nn.Module):
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
     ) -> tuple[torch.Tensor]:
+        if self.clip:
+            encoder_hidden_states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         noise = self.model(
             sample,
             timestep.reshape(-1),
             encoder_hidden_states=encoder_hidden_states,
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
-        return (noise,)
-
-
-class MotionUNet(torch.nn.Module):
-    """AnimateDiff's UNetMotionModel on one clip (B, C, frames, h, w), prompt embeddings once per clip."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        text_embeds: torch.Tensor,
-        time_ids: torch.Tensor,
-    ) -> tuple[torch.Tensor]:
-        # AnimateDiffSDXLPipeline repeats the prompt embeddings per frame before its UNet call.
-        per_frame = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        noise = self.model(
-            sample,
-            timestep.reshape(-1),
-            encoder_hidden_states=per_frame,
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
@@ -99,9 +79,10 @@ def motion_unet(unet2d: torch.nn.Module, adapter: torch.nn.Module) -> torch.nn.M
     return model.eval()
 
 
-def motion_unet_module(model_dir: Path, motion_adapter: Path) -> MotionUNet:
-    """The folder's UNet with AnimateDiff's motion modules inserted."""
-    return MotionUNet(motion_unet(load_part(model_dir, "unet"), load_motion_adapter(motion_adapter))).eval()
+def motion_unet_module(model_dir: Path, motion_adapter: Path) -> UNet:
+    """The folder's UNet with AnimateDiff's motion modules inserted, on one clip per item."""
+    unet = motion_unet(load_part(model_dir, "unet"), load_motion_adapter(motion_adapter))
+    return UNet(unet, clip=True).eval()
 
 
 class VaeDecoder(torch.nn.Module):
