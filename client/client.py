@@ -7,7 +7,9 @@ anything is sent, so a bad request fails fast with the same message the server w
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import queue
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from io import BytesIO
@@ -34,6 +36,7 @@ from birdgen.schema import (
 
 IMAGE_MODEL = "bird_image"
 ANIMATION_MODEL = "bird_animation"
+ANIMATION_STREAM_MODEL = "bird_animation_stream"
 
 
 @dataclass(frozen=True)
@@ -107,14 +110,26 @@ class BirdClient:
         return GeneratedImage(outputs["image"], metadata["format"], metadata)
 
     def generate_animation(
-        self, request: AnimationRequest | Mapping[str, Any] | None = None, **fields: Any
+        self,
+        request: AnimationRequest | Mapping[str, Any] | None = None,
+        *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        **fields: Any,
     ) -> GeneratedAnimation:
-        """Generate one clip (behaviour, duration_seconds, fps, format webp|gif|both, ...)."""
+        """Generate one clip (behaviour, duration_seconds, fps, format webp|gif|both, ...).
+
+        With `on_progress`, the call streams from `bird_animation_stream` and hands each progress
+        message ({"stage": "denoise" | "decode", "done", "total"}) to it before returning the clip.
+        """
         try:
             parsed = parse_animation_request(request if request is not None else fields)
         except RequestError as exc:
             raise InvalidRequestError(str(exc)) from None
-        outputs = self._infer(ANIMATION_MODEL, parsed.canonical_json(), ("webp", "gif", "poster", "metadata"))
+        names = ("webp", "gif", "poster", "metadata")
+        if on_progress is None:
+            outputs = self._infer(ANIMATION_MODEL, parsed.canonical_json(), names)
+        else:
+            outputs = self._stream(ANIMATION_STREAM_MODEL, parsed.canonical_json(), names, on_progress)
         metadata = json.loads(outputs.pop("metadata"))
         return GeneratedAnimation({name: data for name, data in outputs.items() if data}, metadata)
 
@@ -134,6 +149,52 @@ class BirdClient:
         except InferenceServerException as exc:
             raise self._error(exc) from None
         return {o: result.as_numpy(o).reshape(-1)[0] for o in outputs}
+
+    def _stream(
+        self,
+        model: str,
+        request_json: str,
+        outputs: tuple[str, ...],
+        on_progress: Callable[[dict[str, Any]], None],
+    ) -> dict[str, bytes]:
+        """One request over a gRPC stream: progress responses, then the final one with the outputs."""
+        grpc = self._grpc
+        answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        tensor = grpc.InferInput("request", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([request_json.encode()], dtype=np.object_))
+        requested = [grpc.InferRequestedOutput(o) for o in (*outputs, "progress")]
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            self._client.start_stream(callback=lambda result, error: answers.put((result, error)))
+            self._client.async_stream_infer(model, [tensor], outputs=requested)
+            while True:
+                try:
+                    result, error = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise DeadlineExceededError(
+                        f"no answer from {self.url} within {self.timeout_s:g}s"
+                    ) from None
+                if error is not None:
+                    raise self._stream_error(error)
+                progress = result.as_numpy("progress")
+                if progress is not None:
+                    on_progress(json.loads(progress.reshape(-1)[0]))
+                    continue
+                return {o: result.as_numpy(o).reshape(-1)[0] for o in outputs}
+        except Exception as exc:
+            if isinstance(exc, BirdgenError):
+                raise
+            raise self._error(exc) from None
+        finally:
+            self._client.stop_stream()
+
+    def _stream_error(self, exc: Exception) -> BirdgenError:
+        """A gRPC stream carries an error's message but not its status code; birdgen's request
+        errors are recognised by the form schema.RequestError gives every message."""
+        message = getattr(exc, "message", lambda: str(exc))() or str(exc)
+        if not getattr(exc, "status", lambda: None)() and message.startswith(("invalid '", "missing '")):
+            return InvalidRequestError(message)
+        return self._error(exc)
 
     def _error(self, exc: Exception) -> BirdgenError:
         status = str(getattr(exc, "status", lambda: "")() or "")

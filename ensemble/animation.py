@@ -9,6 +9,7 @@ VAE decodes frames in chunks of its batch size, so memory stays bounded however 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,10 @@ class AnimationResult:
 
 
 class AnimationPipeline(ImagePipeline):
-    def __call__(self, request: Any) -> AnimationResult:  # type: ignore[override]
+    def __call__(  # type: ignore[override]
+        self, request: Any, progress: Callable[[str, int, int], None] | None = None
+    ) -> AnimationResult:
+        """`progress(stage, done, total)` hears each denoising step and each decoded chunk."""
         self.check_inputs(request)
         timings = Timings()
         prompt = self.prompts.build(request)
@@ -38,9 +42,9 @@ class AnimationPipeline(ImagePipeline):
         with timings.stage("text_encoders"):
             prompt_embeds, pooled, truncated = self.encode_prompt(prompt.text)
         with timings.stage("motion_unet"):
-            latents = self.denoise_clip(request, seed, prompt_embeds, pooled)
+            latents = self.denoise_clip(request, seed, prompt_embeds, pooled, progress)
         with timings.stage("vae_decoder"):
-            frames = self.decode_frames(latents)
+            frames = self.decode_frames(latents, progress)
         metadata = self.describe(request, prompt, seed, truncated)
         metadata.update(
             behaviour=request.behaviour,
@@ -59,7 +63,12 @@ class AnimationPipeline(ImagePipeline):
         return AnimationResult(files, {**metadata, "timings_ms": timings.ms}, frames)
 
     def denoise_clip(
-        self, request: Any, seed: int, prompt_embeds: np.ndarray, pooled: np.ndarray
+        self,
+        request: Any,
+        seed: int,
+        prompt_embeds: np.ndarray,
+        pooled: np.ndarray,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(seed)
         scheduler = EulerAncestralDiscreteScheduler.from_config(self.scheduler_config)
@@ -71,7 +80,7 @@ class AnimationPipeline(ImagePipeline):
         time_ids = np.array(
             [[request.height, request.width, 0, 0, request.height, request.width]], np.float32
         )
-        for t in scheduler.timesteps:
+        for step, t in enumerate(scheduler.timesteps, start=1):
             inputs = {
                 "sample": scheduler.scale_model_input(latents, t).numpy(),
                 "timestep": np.full((1, 1), float(t), np.float32),
@@ -83,14 +92,21 @@ class AnimationPipeline(ImagePipeline):
             latents = scheduler.step(
                 torch.from_numpy(noise_pred), t, latents, generator=generator, return_dict=False
             )[0]
+            if progress:
+                progress("denoise", step, len(scheduler.timesteps))
         return latents
 
-    def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
+    def decode_frames(
+        self, latents: torch.Tensor, progress: Callable[[str, int, int], None] | None = None
+    ) -> np.ndarray:
         """(1, C, F, h, w) latents -> (F, H, W, 3) uint8, decoded a VAE batch at a time."""
         per_frame = latents[0].permute(1, 0, 2, 3).contiguous().numpy()
         chunk = self.runner.max_batch("vae_decoder")
-        pieces = [
-            self.runner.run("vae_decoder", {"latent": per_frame[i : i + chunk]})["image"]
-            for i in range(0, len(per_frame), chunk)
-        ]
+        pieces = []
+        for start in range(0, len(per_frame), chunk):
+            pieces.append(
+                self.runner.run("vae_decoder", {"latent": per_frame[start : start + chunk]})["image"]
+            )
+            if progress:
+                progress("decode", min(start + chunk, len(per_frame)), len(per_frame))
         return np.concatenate(pieces)

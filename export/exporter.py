@@ -31,6 +31,7 @@ from birdgen.tiny_model import MOTION_ADAPTER
 
 ENTRY_MODEL = "bird_image"
 ANIMATION_MODEL = "bird_animation"
+ANIMATION_STREAM_MODEL = "bird_animation_stream"
 MANIFEST = "manifest.json"
 PIPELINE_FILE = "pipeline.json"
 MODEL_PY_DIR = Path(__file__).resolve().parent.parent / "model_repository"
@@ -304,7 +305,13 @@ def _write_entry(
     and version, so reloading onto the new version starts a fresh cache instead of answering repeats
     with the previous LoRA's images. `bird_animation` exists when the motion UNet was exported.
     """
-    from birdgen.export.triton_config import ANIMATION_OUTPUTS, ENTRY_OUTPUTS, entry_config, to_pbtxt
+    from birdgen.export.triton_config import (
+        ANIMATION_OUTPUTS,
+        ENTRY_OUTPUTS,
+        STREAM_OUTPUTS,
+        entry_config,
+        to_pbtxt,
+    )
 
     served = {family: record["version"] for family, record in sorted(families.items())}
     info = {
@@ -321,6 +328,7 @@ def _write_entry(
     entries = {ENTRY_MODEL: (version, ENTRY_OUTPUTS)}
     if motion_max_frames:
         entries[ANIMATION_MODEL] = (1, ANIMATION_OUTPUTS)
+        entries[ANIMATION_STREAM_MODEL] = (1, STREAM_OUTPUTS)
     for name, (number, outputs) in entries.items():
         version_dir = out / name / str(number)
         version_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +338,8 @@ def _write_entry(
             shutil.copytree(model_dir / part, version_dir / part)
         write_model_py(name, version_dir)
         _write(version_dir / PIPELINE_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
-        _write(out / name / "config.pbtxt", to_pbtxt(entry_config(name, instances, outputs)))
+        config = entry_config(name, instances, outputs, decoupled=name == ANIMATION_STREAM_MODEL)
+        _write(out / name / "config.pbtxt", to_pbtxt(config))
     for stale in _version_dirs(out / ENTRY_MODEL)[:-KEEP_VERSIONS]:
         shutil.rmtree(out / ENTRY_MODEL / str(stale))
     return list(entries)

@@ -17,6 +17,8 @@ from birdgen.stages import StageSpec, TensorSpec, image_sizes
 ENTRY_INPUT, ENTRY_OUTPUTS = "request", ("image", "metadata")
 # An empty string stands for a format the request did not ask for.
 ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
+# The streaming twin adds one JSON progress message per denoising step and decoded chunk.
+STREAM_OUTPUTS = (*ANIMATION_OUTPUTS, "progress")
 
 
 def _add_tensor(field: Any, tensor: TensorSpec) -> None:
@@ -59,7 +61,9 @@ def stage_config(
     return config
 
 
-def entry_config(name: str, instances: int, outputs: tuple[str, ...] = ENTRY_OUTPUTS) -> mc.ModelConfig:
+def entry_config(
+    name: str, instances: int, outputs: tuple[str, ...] = ENTRY_OUTPUTS, decoupled: bool = False
+) -> mc.ModelConfig:
     """A public entry model: one JSON request in, encoded files and metadata out.
 
     Each instance runs one request's denoising loop; several instances run concurrently so their UNet
@@ -71,7 +75,10 @@ def entry_config(name: str, instances: int, outputs: tuple[str, ...] = ENTRY_OUT
     for output in outputs:
         config.output.add(name=output, data_type=mc.TYPE_STRING, dims=[1])
     config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
-    config.response_cache.enable = True
+    # A decoupled model streams several responses per request (progress, then the result); Triton's
+    # response cache does not apply to those.
+    config.model_transaction_policy.decoupled = decoupled
+    config.response_cache.enable = not decoupled
     return config
 
 

@@ -80,3 +80,22 @@ def test_cli_generate_animation_writes_webp_gif_and_poster(server, tmp_path: Pat
         read_animation(out.read_bytes()).format == "webp" and read_animation(gif.read_bytes()).format == "gif"
     )
     assert read_metadata(poster.read_bytes())["seed"] == 3
+
+
+def test_progress_streams_step_by_step_then_the_same_clip(server) -> None:
+    request = {**CLIP, "steps": 3, "format": "webp"}
+    messages: list[dict] = []
+    with BirdClient(server.grpc_url) as client:
+        streamed = client.generate_animation(**request, on_progress=messages.append)
+        plain = client.generate_animation(**request)
+    denoise = [(m["done"], m["total"]) for m in messages if m["stage"] == "denoise"]
+    decode = [(m["done"], m["total"]) for m in messages if m["stage"] == "decode"]
+    assert denoise == [(1, 3), (2, 3), (3, 3)]
+    assert decode[-1] == (16, 16) and [d for d, _ in decode] == sorted(d for d, _ in decode)
+    assert streamed.files == plain.files
+
+
+def test_stream_reports_bad_input_as_invalid_request(server) -> None:
+    with BirdClient(server.grpc_url) as client, pytest.raises(InvalidRequestError, match="duration_seconds"):
+        # Valid for the client's schema (120 frames), too long for this server's motion adapter (32).
+        client.generate_animation(**{**CLIP, "duration_seconds": 5, "fps": 24}, on_progress=lambda _: None)

@@ -89,6 +89,9 @@ def test_configs_are_valid_triton_model_configs(repository: Path, tiny_model: Pa
         assert config.model_warmup and config.parameters["stage"].string_value == name
     entry = parse_pbtxt((repository / "bird_image" / "config.pbtxt").read_text())
     assert entry.response_cache.enable and entry.instance_group[0].count == 4
+    stream = parse_pbtxt((repository / "bird_animation_stream" / "config.pbtxt").read_text())
+    assert stream.model_transaction_policy.decoupled and not stream.response_cache.enable
+    assert [o.name for o in stream.output][-1] == "progress"
 
 
 def test_manifest_lists_every_file_with_its_checksum(repository: Path, tiny_model: Path) -> None:
