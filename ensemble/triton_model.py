@@ -50,6 +50,15 @@ def respond_each(pb: Any, requests: Sequence[Any], handle: Callable[[Any], list[
     return responses
 
 
+def entry_pipeline(args: dict[str, str], pipeline_class: type) -> tuple[Any, dict[str, Any]]:
+    """An entry model's pipeline over BLS stage calls, and its pipeline.json, from its version folder."""
+    from birdgen.ensemble.runners import BlsRunner
+
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    info = json.loads((version_dir / "pipeline.json").read_text())
+    return pipeline_class(version_dir, BlsRunner(repository_specs(info))), info
+
+
 def instance_device(args: dict[str, str]) -> str:
     return f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
 

@@ -7,23 +7,18 @@ A format the request did not ask for comes back as an empty string.
 # birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
 
 import json
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from birdgen.ensemble.animation import AnimationPipeline
-from birdgen.ensemble.runners import BlsRunner
-from birdgen.ensemble.triton_model import bytes_tensor, read_bytes, respond_each
+from birdgen.ensemble.triton_model import bytes_tensor, entry_pipeline, read_bytes, respond_each
 from birdgen.schema import parse_animation_request
-from birdgen.stages import repository_specs
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        info = json.loads((version_dir / "pipeline.json").read_text())
+        self.pipeline, info = entry_pipeline(args, AnimationPipeline)
         self.max_frames = int(info["motion_max_frames"])
-        self.pipeline = AnimationPipeline(version_dir, BlsRunner(repository_specs(info)))
 
     def execute(self, requests: list) -> list:
         return respond_each(pb_utils, requests, self._generate)

@@ -8,25 +8,20 @@ stream. Clients need gRPC streaming for it (BirdClient.generate_animation(on_pro
 # birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
 
 import json
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from birdgen.ensemble.animation import AnimationPipeline
-from birdgen.ensemble.runners import BlsRunner
-from birdgen.ensemble.triton_model import bytes_tensor, error_response, read_bytes
+from birdgen.ensemble.triton_model import bytes_tensor, entry_pipeline, error_response, read_bytes
 from birdgen.schema import parse_animation_request
-from birdgen.stages import repository_specs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        info = json.loads((version_dir / "pipeline.json").read_text())
+        self.pipeline, info = entry_pipeline(args, AnimationPipeline)
         self.max_frames = int(info["motion_max_frames"])
-        self.pipeline = AnimationPipeline(version_dir, BlsRunner(repository_specs(info)))
 
     def execute(self, requests: list) -> None:
         for request in requests:

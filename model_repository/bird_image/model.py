@@ -7,22 +7,17 @@ engine stages through BLS (so their dynamic batchers merge concurrent requests).
 # birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
 
 import json
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from birdgen.ensemble.pipeline import ImagePipeline
-from birdgen.ensemble.runners import BlsRunner
-from birdgen.ensemble.triton_model import bytes_tensor, read_bytes, respond_each
+from birdgen.ensemble.triton_model import bytes_tensor, entry_pipeline, read_bytes, respond_each
 from birdgen.schema import parse_image_request
-from birdgen.stages import repository_specs
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        info = json.loads((version_dir / "pipeline.json").read_text())
-        self.pipeline = ImagePipeline(version_dir, BlsRunner(repository_specs(info)))
+        self.pipeline, _ = entry_pipeline(args, ImagePipeline)
 
     def execute(self, requests: list) -> list:
         return respond_each(pb_utils, requests, self._generate)
