@@ -12,11 +12,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from birdgen.schema import AnimationRequest, ImageRequest
 
 DEFAULT_REPO = Path("outputs/model_repository")
-INT_FIELDS = {"width", "height", "steps", "seed", "fps"}
 # What `birdgen demo` asks for (the tests start from the image request too).
 DEMO_REQUEST = {
     "species": "American Robin",
@@ -55,6 +55,7 @@ def _export(args: argparse.Namespace) -> int:
         engine=args.engine,
         loras=dict(_family_lora(value) for value in args.lora),
         motion_adapter=args.motion_adapter,
+        max_frames=args.max_frames,
         entry_instances=args.entry_instances,
         force=args.force,
     )
@@ -95,18 +96,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from birdgen.client import BirdClient
+    from birdgen.ensemble.routing import family_of
 
     if args.action != "list" and not args.name:
         raise ValueError(f"models {args.action} needs a model name (see: birdgen models list)")
     with BirdClient(args.url) as client:
-        if args.action == "load" and args.name.startswith("unet_"):
-            client.roll_out(args.name)  # the entry reloads too, so its response cache starts fresh
+        shown = {args.name}
+        if args.action == "load" and family_of(args.name):
+            shown.update(client.roll_out(args.name))  # the family's other UNet and the entries reload too
         elif args.action == "load":
             client.load_model(args.name)
         elif args.action == "unload":
             client.unload_model(args.name)
         for model in client.list_models():
-            if args.action == "list" or model["name"] == args.name:
+            if args.action == "list" or model["name"] in shown:
                 print(
                     f"{model['name']:<28} {model['version'] or '-':>7}  {model['state']:<12} "
                     f"{model['reason']}"
@@ -217,7 +220,7 @@ def _train_lora(args: argparse.Namespace) -> int:
 def _add_request_arguments(parser: argparse.ArgumentParser, request: type) -> None:
     """One flag per field of the request schema (the schema is the single source of the fields)."""
     for name, field in request.model_fields.items():
-        kind = int if name in INT_FIELDS else float if name == "duration_seconds" else str
+        kind = next((k for k in (int, float) if k in (field.annotation, *get_args(field.annotation))), str)
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, required=field.is_required())
 
 
@@ -252,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--motion-adapter",
         type=Path,
         help="AnimateDiff SDXL motion adapter folder (default: MODEL_DIR/motion_adapter when present)",
+    )
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        help="longest clip this deployment serves, in frames (default: what the last export into "
+        "this repository used, else the request limit, 120); lower it where GPU memory is short",
     )
     p.set_defaults(run=_export)
 

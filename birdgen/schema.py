@@ -36,6 +36,8 @@ DEFAULT_LIMITS = DATA_DIR / "limits.yaml"
 _SPECIES_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SEED_MASK = (1 << 63) - 1
+# Fields that choose how a result is delivered, not what is drawn: left out of the derived seed.
+OUTPUT_CHOICES = ("format", "poster_frame")
 
 
 class _Missing(enum.Enum):
@@ -244,6 +246,8 @@ class _Request(BaseModel):
             )
         if field == "seed":
             return f"{LIMITS.seed.describe()}, or null for a seed derived from the request"
+        if field == "poster_frame":
+            return "a frame number, 0 (the first) up to frames - 1 (frames = duration_seconds × fps)"
         if field == "species":
             return f"a non-empty string of at most {n.name} characters"
         if field == "scientific_name":
@@ -351,12 +355,12 @@ class _Request(BaseModel):
     def resolved_seed(self) -> int:
         """The seed, or one derived from the request so a repeated request gives the same result.
 
-        The output format is left out: the PNG and the WebP of one request show the same picture
-        (the WebP and the GIF of one animation, the same frames).
+        The output choices are left out: the PNG and the WebP of one request show the same picture
+        (the WebP and the GIF of one animation, with any poster frame, the same frames).
         """
         if self.seed is not None:
             return self.seed
-        picture = {k: v for k, v in self.to_dict().items() if k not in ("seed", "format")}
+        picture = {k: v for k, v in self.to_dict().items() if k != "seed" and k not in OUTPUT_CHOICES}
         text = json.dumps(picture, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         digest = hashlib.sha256(text.encode("utf-8"))
         return int.from_bytes(digest.digest()[:8], "big") & _SEED_MASK
@@ -402,6 +406,8 @@ class _Clip(_Request):
     duration_seconds: float = ANIMATION.duration_seconds.default
     fps: int = ANIMATION.fps.default
     format: str = ANIMATION.default_format
+    # Which frame becomes the PNG poster (0 = the first); it picks an output, not the frames.
+    poster_frame: int = 0
 
 
 class _Overrides(_Request):
@@ -448,7 +454,7 @@ class AnimationRequest(_Overrides, _Clip, _Picture, _Behaviour, _Subject):
 
 
 def _check_frames(request: AnimationRequest, max_frames: int) -> None:
-    """A whole number of frames, at most `max_frames`; else a RequestError naming duration_seconds."""
+    """A whole number of frames, at most `max_frames`, and a poster among them; else a RequestError."""
     duration, fps = request.duration_seconds, request.fps
     frames = _frame_count(duration, fps)
     if frames is None:
@@ -464,6 +470,10 @@ def _check_frames(request: AnimationRequest, max_frames: int) -> None:
             duration,
             f"at most {max_frames} frames: duration × fps ≤ {max_frames} "
             f"(at {fps} fps, at most {max_frames / fps:g} s)",
+        )
+    if not 0 <= request.poster_frame < frames:
+        raise RequestError(
+            "poster_frame", request.poster_frame, f"0..{frames - 1} (this clip has {frames} frames)"
         )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from birdgen.ensemble.free_noise import CONTEXT_LENGTH, context_windows
 from birdgen.model_folder import ModelDims
 from birdgen.schema import LIMITS
 
@@ -25,8 +26,10 @@ NUMPY_TYPES: dict[str, type[np.generic]] = {
 
 # The image size engines are tuned and warmed up for (TensorRT's "opt" profile point).
 COMMON_SIZE_PX = 512
-# Frames the SDXL motion module attends over at once (AnimateDiff's context length).
-MOTION_WINDOW = 16
+
+
+# The motion UNet's FreeNoise inputs: each window's frame indices, and how windows blend into frames.
+CONTEXT_INPUTS = ("context_frames", "context_blend")
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,12 @@ class StageSpec:
         """Random inputs of the right types and shapes: for export tracing, checks and warmup."""
         rng = np.random.default_rng(seed)
         out: dict[str, np.ndarray] = {}
+        windows = dict(zip(CONTEXT_INPUTS, context_windows(sizes.get("frames", CONTEXT_LENGTH)), strict=True))
         for t in self.inputs:
             shape = (batch, *t.concrete(sizes))
-            if t.dtype == "INT64":
+            if t.name in windows:  # real windows: indices must stay inside the clip
+                out[t.name] = np.broadcast_to(windows[t.name], shape).copy()
+            elif t.dtype == "INT64":
                 out[t.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
             elif t.name == "timestep":
                 out[t.name] = rng.uniform(1, 999, size=shape).astype(np.float32)
@@ -139,19 +145,33 @@ def motion_unet_spec(dims: ModelDims, max_frames: int) -> StageSpec:
     Frames fold into the UNet's own batch inside the engine; one item per execution because the
     dynamo-exported graph specialises that batch fold (a clip of 16 frames is 16 images of work, so
     merging clips across requests gains little). Prompt embeddings come once per clip and are
-    repeated per frame inside, as AnimateDiffSDXLPipeline does before its UNet call.
+    repeated per frame inside, as AnimateDiffSDXLPipeline does before its UNet call. The clip's
+    FreeNoise context windows (frame indices and blend, ensemble/free_noise.py) come as inputs, so
+    one graph serves every clip length.
     """
     unet = stage_specs(dims)["unet"]
     clip = (dims.latent_channels, "frames", "latent_height", "latent_width")
+    windows = ("windows", "window_length")
+    most_windows = len(context_windows(max_frames)[0])
     return dataclasses.replace(
         unet,
         name="motion_unet",
-        inputs=(TensorSpec("sample", "FP32", clip), *unet.inputs[1:]),
+        inputs=(
+            TensorSpec("sample", "FP32", clip),
+            *unet.inputs[1:],
+            TensorSpec(CONTEXT_INPUTS[0], "INT64", windows),
+            TensorSpec(CONTEXT_INPUTS[1], "FP32", ("frames", *windows)),
+        ),
         outputs=(TensorSpec("noise_pred", "FP32", clip),),
         max_batch_size=1,
         preferred_batch_sizes=(),
         max_queue_delay_us=0,
-        dynamic_axes={**unet.dynamic_axes, "frames": (2, MOTION_WINDOW, max_frames)},
+        dynamic_axes={
+            **unet.dynamic_axes,
+            "frames": (2, CONTEXT_LENGTH, max_frames),
+            "windows": (1, 1, most_windows),
+            "window_length": (2, CONTEXT_LENGTH, CONTEXT_LENGTH),
+        },
     )
 
 
@@ -164,9 +184,13 @@ def repository_specs(info: dict) -> dict[str, StageSpec]:
 
 
 def image_sizes(dims: ModelDims, latent_height: int, latent_width: int, frames: int = 0) -> dict[str, int]:
-    """All named axes for one latent size (and clip length)."""
+    """All named axes for one latent size (and clip length, with its context windows)."""
+    frames = frames or CONTEXT_LENGTH
+    windows, length = context_windows(frames)[0].shape
     return {
-        "frames": frames or MOTION_WINDOW,
+        "frames": frames,
+        "windows": windows,
+        "window_length": length,
         "latent_height": latent_height,
         "latent_width": latent_width,
         "image_height": latent_height * dims.vae_scale_factor,

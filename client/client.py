@@ -26,6 +26,8 @@ from birdgen.client.errors import (
     InvalidRequestError,
     ServerUnavailableError,
 )
+from birdgen.ensemble.routing import MOTION_UNET, family_of
+from birdgen.ensemble.routing import family_model as family_model_name
 from birdgen.schema import (
     AnimationRequest,
     ImageRequest,
@@ -223,10 +225,19 @@ class BirdClient:
         """Load `name`, or reload it onto its newest version (the old one answers until the new is ready)."""
         self._control(self._client.load_model, name)
 
-    def roll_out(self, unet_model: str) -> None:
-        """Serve a family UNet's newest version, then the entry's (fresh response cache); no downtime."""
-        self.load_model(unet_model)
-        self.load_model(IMAGE_MODEL)
+    def roll_out(self, family_model: str) -> list[str]:
+        """Serve a family's newest UNets (`unet_<family>`, and `motion_unet_<family>` when exported),
+        then the entries' newest versions (fresh response caches); no downtime. Returns the models
+        loaded, in order."""
+        family = family_of(family_model)
+        if family is None:
+            raise InvalidRequestError(f"'{family_model}' is not a family UNet (unet_<family>)")
+        present = {m["name"] for m in self.list_models()}
+        order = [family_model_name(family), family_model_name(family, MOTION_UNET)]
+        loaded = [m for m in (*order, IMAGE_MODEL, ANIMATION_MODEL, ANIMATION_STREAM_MODEL) if m in present]
+        for name in loaded:
+            self.load_model(name)
+        return loaded
 
     def unload_model(self, name: str) -> None:
         self._control(self._client.unload_model, name)

@@ -3,8 +3,10 @@
 Shares everything but the denoising loop and the decode with the image pipeline: tokenizers, both
 text encoders, the prompt library, the scheduler config and the seed rules. The loop runs the
 motion UNet stage on the whole clip (1, C, frames, h, w); the scheduler and the generator work on
-that 5-D tensor exactly as the diffusers pipeline does, so the same seed draws the same noise. The
-VAE decodes frames in chunks of its batch size, so memory stays bounded however long the clip.
+that 5-D tensor exactly as the diffusers pipeline does, so the same seed draws the same noise.
+Clips longer than the motion module's 16-frame window use FreeNoise (ensemble/free_noise.py):
+context windows inside the motion UNet and shuffled initial noise. The VAE decodes frames in
+chunks of its batch size, so memory stays bounded however long the clip.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import numpy as np
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
 
+from birdgen.ensemble.free_noise import context_windows, shuffle_context_noise
 from birdgen.ensemble.pipeline import ImagePipeline, Timings
+from birdgen.ensemble.routing import MOTION_UNET
 from birdgen.media import encode_animation, encode_poster
-
-MOTION_UNET = "motion_unet"
 
 
 @dataclass
@@ -41,8 +43,12 @@ class AnimationPipeline(ImagePipeline):
         seed = request.resolved_seed()
         with timings.stage("text_encoders"):
             prompt_embeds, pooled, truncated = self.encode_prompt(prompt.text)
+        choice = self.router.choose(request, base=MOTION_UNET)
         with timings.stage("motion_unet"):
-            latents = self.denoise_clip(request, seed, prompt_embeds, pooled, progress)
+            latents, version = self.on_one_version(
+                choice,
+                lambda model, v: self.denoise_clip(request, seed, prompt_embeds, pooled, model, v, progress),
+            )
         with timings.stage("vae_decoder"):
             frames = self.decode_frames(latents, progress)
         metadata = self.describe(request, prompt, seed, truncated)
@@ -51,15 +57,14 @@ class AnimationPipeline(ImagePipeline):
             frames=int(frames.shape[0]),
             fps=request.fps,
             duration_seconds=request.duration_seconds,
-            family=None,
-            unet={"model": MOTION_UNET, "version": 1},
-            lora=None,
+            poster_frame=request.poster_frame,
+            **self.unet_facts(choice, version),
         )
         files = {}
         with timings.stage("encode"):
             for fmt in ("webp", "gif") if request.format == "both" else (request.format,):
                 files[fmt] = encode_animation(frames, request.fps, fmt, metadata)
-            files["poster"] = encode_poster(frames[0], metadata)
+            files["poster"] = encode_poster(frames[request.poster_frame], metadata)
         return AnimationResult(files, {**metadata, "timings_ms": timings.ms}, frames)
 
     def denoise_clip(
@@ -68,15 +73,20 @@ class AnimationPipeline(ImagePipeline):
         seed: int,
         prompt_embeds: np.ndarray,
         pooled: np.ndarray,
+        model: str,
+        version: int,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(seed)
         scheduler = EulerAncestralDiscreteScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(request.steps)
         scheduler.set_begin_index(0)
+        frames = request.num_frames
         latents = self.prepare_latents(
-            request.height, request.width, generator, scheduler.init_noise_sigma, frames=request.num_frames
+            request.height, request.width, generator, scheduler.init_noise_sigma, frames=frames
         )
+        latents = shuffle_context_noise(latents, generator)
+        context_frames, context_blend = context_windows(frames)
         time_ids = np.array(
             [[request.height, request.width, 0, 0, request.height, request.width]], np.float32
         )
@@ -87,8 +97,10 @@ class AnimationPipeline(ImagePipeline):
                 "encoder_hidden_states": prompt_embeds,
                 "text_embeds": pooled,
                 "time_ids": time_ids,
+                "context_frames": context_frames[None],
+                "context_blend": context_blend[None],
             }
-            noise_pred = self.runner.run(MOTION_UNET, inputs)["noise_pred"]
+            noise_pred = self.runner.run(MOTION_UNET, inputs, model=model, version=version)["noise_pred"]
             latents = scheduler.step(
                 torch.from_numpy(noise_pred), t, latents, generator=generator, return_dict=False
             )[0]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from transformers import CLIPTokenizer
 
 import birdgen
 from birdgen.catalogue import Catalogue
-from birdgen.ensemble.routing import FamilyRouter
+from birdgen.ensemble.routing import FamilyRouter, UnetChoice
 from birdgen.ensemble.runners import ModelUnavailable
 from birdgen.media import encode_image
 from birdgen.model_folder import ModelDims
@@ -37,6 +37,7 @@ PIPELINE_FILE = "pipeline.json"
 # How often a request is redrawn when a roll-out unloads the UNet version it was pinned to.
 ROLLOUT_ATTEMPTS = 3
 Tensors = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 class StageRunner(Protocol):
@@ -104,30 +105,43 @@ class ImagePipeline:
         with timings.stage("text_encoders"):
             prompt_embeds, pooled, truncated = self.encode_prompt(prompt.text)
         with timings.stage("unet"):
-            for attempt in range(ROLLOUT_ATTEMPTS):
-                version = self.runner.ready_version(choice.model, self.router.versions(choice.model))
-                try:
-                    latents = self.denoise(request, seed, prompt_embeds, pooled, choice.model, version)
-                    break
-                except ModelUnavailable:
-                    # The version was unloaded mid-request by a roll-out: draw the image again, wholly
-                    # on the new version, rather than mixing two versions' steps in one image.
-                    if attempt == ROLLOUT_ATTEMPTS - 1:
-                        raise
+            latents, version = self.on_one_version(
+                choice, lambda model, v: self.denoise(request, seed, prompt_embeds, pooled, model, v)
+            )
         with timings.stage("vae_decoder"):
             pixels = self.runner.run("vae_decoder", {"latent": latents.numpy()})["image"][0]
         metadata = self.describe(request, prompt, seed, truncated)
-        metadata.update(
-            family=choice.family,
-            family_source=choice.family_source,
-            unet={"model": choice.model, "version": version},
-            lora=self.router.lora(choice.model, version),
-        )
+        metadata.update(self.unet_facts(choice, version))
         with timings.stage("encode"):
             data = encode_image(pixels, request.format, metadata)
         # Timings vary run to run, so they go in the response metadata but not into the file: the same
         # request must give the same bytes.
         return ImageResult(data, request.format, {**metadata, "timings_ms": timings.ms}, pixels)
+
+    def on_one_version(self, choice: UnetChoice, denoise: Callable[[str, int], T]) -> tuple[T, int]:
+        """`denoise(model, version)` on the newest ready version of the chosen UNet, and that version.
+
+        If a roll-out unloads the version mid-request, the whole loop runs again on the new one
+        rather than mixing two versions' steps in one picture.
+        """
+        attempts_left = ROLLOUT_ATTEMPTS
+        while True:
+            version = self.runner.ready_version(choice.model, self.router.versions(choice.model))
+            try:
+                return denoise(choice.model, version), version
+            except ModelUnavailable:
+                attempts_left -= 1
+                if not attempts_left:
+                    raise
+
+    def unet_facts(self, choice: UnetChoice, version: int) -> dict[str, Any]:
+        """Which family and which UNet (and LoRA) drew it, for the metadata."""
+        return {
+            "family": choice.family,
+            "family_source": choice.family_source,
+            "unet": {"model": choice.model, "version": version},
+            "lora": self.router.lora(choice.model, version),
+        }
 
     def denoise(
         self,

@@ -12,12 +12,21 @@ from pathlib import Path
 from typing import Any
 
 BASE_UNET = "unet"
+MOTION_UNET = "motion_unet"
 LORA_FILE = "lora.json"
 
 
-def family_model(family: str) -> str:
-    """Triton model name of a family's fused UNet."""
-    return f"unet_{family.lower()}"
+def family_model(family: str, base: str = BASE_UNET) -> str:
+    """Triton model name of a family's fused UNet (`base` = motion_unet: its AnimateDiff twin)."""
+    return f"{base}_{family.lower()}"
+
+
+def family_of(model: str) -> str | None:
+    """The family suffix of a family UNet's model name (unet_x or motion_unet_x), else None."""
+    for base in (MOTION_UNET, BASE_UNET):
+        if model.startswith(f"{base}_"):
+            return model[len(base) + 1 :]
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,11 +41,12 @@ class FamilyRouter:
         self.repository = Path(repository)
         self.catalogue = catalogue
 
-    def choose(self, request: Any) -> UnetChoice:
+    def choose(self, request: Any, base: str = BASE_UNET) -> UnetChoice:
+        """The UNet for `request`: images from `unet` models, clips from `motion_unet` ones."""
         family, source = self.catalogue.resolve_group(request)
-        model = family_model(family) if family else BASE_UNET
-        if model != BASE_UNET and not self.versions(model):
-            model = BASE_UNET  # a known family without a trained LoRA yet: the base model draws it
+        model = family_model(family, base) if family else base
+        if model != base and not self.versions(model):
+            model = base  # a known family without a trained LoRA yet: the base model draws it
         return UnetChoice(model, family, source)
 
     def versions(self, model: str) -> list[int]:

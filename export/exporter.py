@@ -10,10 +10,12 @@ versions) are unchanged and whose files still match the manifest is skipped, so 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -23,8 +25,10 @@ import numpy as np
 
 import birdgen
 from birdgen.engines import engine_kind
+from birdgen.ensemble.free_noise import CONTEXT_LENGTH
 from birdgen.ensemble.routing import LORA_FILE, family_model
 from birdgen.model_folder import ModelDims, check_model_folder, load_motion_adapter
+from birdgen.schema import ANIMATION
 from birdgen.server import MODEL_BOOTSTRAP
 from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
 from birdgen.tiny_model import MOTION_ADAPTER
@@ -42,6 +46,9 @@ ENTRY_PARTS = ("tokenizer", "tokenizer_2", "scheduler")
 KEEP_VERSIONS = 2
 # An engine may differ from torch by float reordering only; anything above this is an export bug.
 CHECK_TOLERANCE = {"FP32": 1e-3, "UINT8": 1}
+# Clip lengths the motion UNet is traced and checked at: three context windows (so no window axis is
+# traced at 1 and frozen), and 18 frames, whose last window is a tail window.
+CLIP_FRAMES = (24, 18)
 
 
 def sha256_file(path: Path) -> str:
@@ -65,11 +72,11 @@ def _versions() -> dict[str, str]:
     return {n: metadata.version(n) for n in names} | {"birdgen": birdgen.__version__}
 
 
-def stage_key(stage: str, source_parts: Iterable[Path], kind_name: str, settings: dict[str, Any]) -> str:
+def stage_key(spec: StageSpec, source_parts: Iterable[Path], kind_name: str, settings: dict[str, Any]) -> str:
     """What a stage's artifacts are a function of; equal keys mean the export can be skipped."""
     code = Path(__file__).resolve().parent
     payload = {
-        "stage": stage,
+        "stage": repr(spec),
         "kind": kind_name,
         "settings": settings,
         "versions": _versions(),
@@ -98,8 +105,9 @@ def check_engine(spec: StageSpec, module: Any, engine: Any, dims: ModelDims) -> 
     import torch
 
     worst = 0.0
-    for batch, (lh, lw) in ((1, (64, 64)), (min(2, spec.max_batch_size), (32, 48))):
-        sample = spec.sample_inputs(batch, image_sizes(dims, lh, lw), dims.vocab_size, seed=batch)
+    checks = ((1, (64, 64), CLIP_FRAMES[0]), (min(2, spec.max_batch_size), (32, 48), CLIP_FRAMES[1]))
+    for batch, (lh, lw), frames in checks:
+        sample = spec.sample_inputs(batch, image_sizes(dims, lh, lw, frames), dims.vocab_size, seed=batch)
         with torch.no_grad():
             outs = module(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
         want = {t.name: o.numpy() for t, o in zip(spec.outputs, outs, strict=True)}
@@ -130,11 +138,59 @@ def _build_stage(
 ) -> dict[str, Any]:
     """Build one engine into `version_dir`, check it against `module`, return its manifest record."""
     version_dir.mkdir(parents=True)
-    sample = spec.sample_inputs(min(2, spec.max_batch_size), image_sizes(dims, 64, 64), dims.vocab_size)
+    sizes = image_sizes(dims, 64, 64, CLIP_FRAMES[0])
+    sample = spec.sample_inputs(min(2, spec.max_batch_size), sizes, dims.vocab_size)
     artifacts = kind.build(spec, module, sample, version_dir)
     error = check_engine(spec, module, kind.load(spec, version_dir), dims)
     write_model_py("stage", version_dir)
     return {"max_abs_error": error, "artifacts": {p.name: sha256_file(p) for p in artifacts}}
+
+
+def _export_family_version(
+    out: Path,
+    spec: StageSpec,
+    base_spec: StageSpec,
+    key: str,
+    previous: dict[str, Any],
+    lora: dict[str, Any],
+    build: Callable[[], Any],
+    kind: Any,
+    dims: ModelDims,
+    force: bool,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """A family's fused UNet (or motion UNet) as a new model version; the previous record if unchanged.
+
+    Built in a staging folder beside the repository and moved in whole; the oldest versions beyond
+    KEEP_VERSIONS are pruned.
+    """
+    from birdgen.export.triton_config import stage_config, to_pbtxt
+
+    current = out / spec.name / str(previous.get("version", 0))
+    if not force and previous.get("key") == key and _intact(current, previous.get("artifacts", {})):
+        progress(f"{spec.name}: up to date (version {previous['version']}), skipped")
+        return previous
+    start = time.perf_counter()
+    version = max(_version_dirs(out / spec.name), default=0) + 1
+    progress(f"{spec.name}: fusing {lora['source']} (rank {lora['rank']}) and exporting version {version}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out.parent)) / str(version)
+    try:
+        record = _build_stage(spec, build(), kind, dims, staging)
+        _write(staging / LORA_FILE, json.dumps(lora, indent=2, sort_keys=True) + "\n")
+        _write(
+            out / spec.name / "config.pbtxt",
+            to_pbtxt(stage_config(spec, dims, kind.triton_hosting(base_spec))),
+        )
+        staging.rename(out / spec.name / str(version))
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    for stale in _version_dirs(out / spec.name)[:-KEEP_VERSIONS]:
+        shutil.rmtree(out / spec.name / str(stale))
+    progress(
+        f"{spec.name}: version {version} done in {time.perf_counter() - start:.1f}s, "
+        f"max |engine - torch| = {record['max_abs_error']:.3g}"
+    )
+    return {"model": spec.name, "version": version, "key": key, "lora": lora, **record}
 
 
 def _intact(version_dir: Path, artifacts: dict[str, str]) -> bool:
@@ -144,12 +200,30 @@ def _intact(version_dir: Path, artifacts: dict[str, str]) -> bool:
     )
 
 
+def _motion_max_frames(adapter: Path, max_frames: int | None) -> int:
+    """Frames a clip may have: the request limit unless the deployment asks for fewer (GPU memory).
+
+    Context windows cover any length, provided the adapter's positional embedding spans one window.
+    """
+    span = int(load_motion_adapter(adapter).config.motion_max_seq_length)
+    if span < CONTEXT_LENGTH:
+        raise ValueError(
+            f"{adapter}: motion_max_seq_length {span} is shorter than the "
+            f"{CONTEXT_LENGTH}-frame context window"
+        )
+    shortest = ANIMATION.duration_seconds.min * ANIMATION.fps.min
+    if max_frames is not None and not shortest <= max_frames <= ANIMATION.max_frames:
+        raise ValueError(f"max_frames {max_frames}: allowed {shortest}..{ANIMATION.max_frames}")
+    return max_frames or ANIMATION.max_frames
+
+
 def export_repository(
     model_dir: Path,
     out: Path,
     engine: str = "onnxruntime",
     loras: Mapping[str, Path] | None = None,
     motion_adapter: Path | None = None,
+    max_frames: int | None = None,
     entry_instances: int = 4,
     force: bool = False,
     progress: Callable[[str], None] = print,
@@ -161,13 +235,14 @@ def export_repository(
     stays on disk for a rollback). Every LoRA is checked before anything is written, and each new
     version is built outside the repository and moved in whole, so a failure leaves nothing half-written.
     The AnimateDiff motion UNet is exported when a motion adapter is given or the folder has one
-    (`<model_dir>/motion_adapter`, where the tiny model writes it).
+    (`<model_dir>/motion_adapter`, where the tiny model writes it); `max_frames` caps its clips below
+    the request limit where GPU memory is short, and like the families it stays as an earlier export
+    set it unless given again.
     """
-    import time
 
     from birdgen.catalogue import Catalogue
     from birdgen.export.lora import fused_unet, validate_loras
-    from birdgen.export.modules import STAGE_PARTS, UNet, motion_unet_module, stage_module
+    from birdgen.export.modules import STAGE_PARTS, UNet, motion_unet, motion_unet_module, stage_module
     from birdgen.export.triton_config import stage_config, to_pbtxt
 
     model_dir, out = Path(model_dir).resolve(), Path(out)
@@ -183,14 +258,14 @@ def export_repository(
     adapter = Path(motion_adapter).resolve() if motion_adapter else model_dir / MOTION_ADAPTER
     motion_max_frames = 0
     if motion_adapter or adapter.is_dir():
-        motion_max_frames = int(load_motion_adapter(adapter).config.motion_max_seq_length)
+        motion_max_frames = _motion_max_frames(adapter, max_frames or old.get("motion_max_frames"))
         specs["motion_unet"] = motion_unet_spec(dims, motion_max_frames)
         sources["motion_unet"] = [model_dir / "unet", adapter]
     stages: dict[str, Any] = {}
     for spec in specs.values():
         start = time.perf_counter()
         version_dir = out / spec.name / "1"
-        key = stage_key(spec.name, sources[spec.name], kind.name, kind.settings)
+        key = stage_key(spec, sources[spec.name], kind.name, kind.settings)
         previous = old.get("stages", {}).get(spec.name, {})
         if not force and previous.get("key") == key and _intact(version_dir, previous.get("artifacts", {})):
             stages[spec.name] = previous
@@ -216,41 +291,35 @@ def export_repository(
 
     family_records = dict(old.get("families", {}))
     for family, info in lora_infos.items():
-        start = time.perf_counter()
-        spec = dataclasses.replace(specs["unet"], name=family_model(family))
-        key = hashlib.sha256((stages["unet"]["key"] + info.sha256).encode()).hexdigest()
-        previous = family_records.get(family, {})
-        current = out / spec.name / str(previous.get("version", 0))
-        if not force and previous.get("key") == key and _intact(current, previous.get("artifacts", {})):
-            progress(f"{spec.name}: up to date (version {previous['version']}), skipped")
-            continue
-        version = max(_version_dirs(out / spec.name), default=0) + 1
-        progress(f"{spec.name}: fusing {info.path} (rank {info.rank}) and exporting version {version}")
-        staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out.parent)) / str(version)
-        try:
-            record = _build_stage(spec, UNet(fused_unet(model_dir, info.path, family)), kind, dims, staging)
-            lora = {
-                "family": family,
-                "source": str(info.path),
-                "sha256": info.sha256,
-                "rank": info.rank,
-                "layers": info.layers,
-            }
-            _write(staging / LORA_FILE, json.dumps(lora, indent=2, sort_keys=True) + "\n")
-            _write(
-                out / spec.name / "config.pbtxt",
-                to_pbtxt(stage_config(spec, dims, kind.triton_hosting(specs["unet"]))),
+        lora = {
+            "family": family,
+            "source": str(info.path),
+            "sha256": info.sha256,
+            "rank": info.rank,
+            "layers": info.layers,
+        }
+        record = dict(family_records.get(family, {}))
+        fused = functools.partial(fused_unet, model_dir, info.path, family)
+        builders = {
+            "unet": lambda fused=fused: UNet(fused()),
+            "motion_unet": lambda fused=fused: UNet(
+                motion_unet(fused(), load_motion_adapter(adapter)), clip=True
+            ),
+        }
+        for base, build in builders.items():
+            if base not in specs:
+                continue
+            spec = dataclasses.replace(specs[base], name=family_model(family, base))
+            key = hashlib.sha256((stages[base]["key"] + info.sha256).encode()).hexdigest()
+            previous = record if base == "unet" else record.get("motion", {})
+            built = _export_family_version(
+                out, spec, specs[base], key, previous, lora, build, kind, dims, force, progress
             )
-            staging.rename(out / spec.name / str(version))
-        finally:
-            shutil.rmtree(staging.parent, ignore_errors=True)
-        for stale in _version_dirs(out / spec.name)[:-KEEP_VERSIONS]:
-            shutil.rmtree(out / spec.name / str(stale))
-        family_records[family] = {"model": spec.name, "version": version, "key": key, "lora": lora, **record}
-        progress(
-            f"{spec.name}: version {version} done in {time.perf_counter() - start:.1f}s, "
-            f"max |engine - torch| = {record['max_abs_error']:.3g}"
-        )
+            if base == "unet":
+                record.update(built)
+            else:
+                record["motion"] = built
+        family_records[family] = record
 
     keys = "".join(s["key"] for s in stages.values())
     model_version = f"{model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
@@ -301,9 +370,11 @@ def _write_entry(
 ) -> list[str]:
     """The entry models' folders; returns their names.
 
-    A family roll-out gets a new `bird_image` version too: Triton's response cache keys on model name
-    and version, so reloading onto the new version starts a fresh cache instead of answering repeats
-    with the previous LoRA's images. `bird_animation` exists when the motion UNet was exported.
+    A family roll-out, or a re-export that changes the model version, gets new entry versions too:
+    Triton's response cache (and birdgen's Redis cache) key on the entry's name and version, so
+    serving the new version starts fresh instead of answering repeats with the previous engines' or
+    LoRA's images and clips. `bird_animation` (and its streaming twin) exist when
+    the motion UNet was exported.
     """
     from birdgen.export.triton_config import (
         ANIMATION_OUTPUTS,
@@ -313,7 +384,10 @@ def _write_entry(
         to_pbtxt,
     )
 
-    served = {family: record["version"] for family, record in sorted(families.items())}
+    served = {
+        family: {"unet": record["version"], "motion_unet": record.get("motion", {}).get("version")}
+        for family, record in sorted(families.items())
+    }
     info = {
         "model_version": model_version,
         "engine": engine,
@@ -321,16 +395,15 @@ def _write_entry(
         "motion_max_frames": motion_max_frames,
         "families": served,
     }
-    versions = _version_dirs(out / ENTRY_MODEL)
-    version = versions[-1] if versions else 1
-    if versions and _entry_families(out / ENTRY_MODEL / str(version)) != served:
-        version += 1
-    entries = {ENTRY_MODEL: (version, ENTRY_OUTPUTS)}
+    entries = {ENTRY_MODEL: ENTRY_OUTPUTS}
     if motion_max_frames:
-        entries[ANIMATION_MODEL] = (1, ANIMATION_OUTPUTS)
-        entries[ANIMATION_STREAM_MODEL] = (1, STREAM_OUTPUTS)
-    for name, (number, outputs) in entries.items():
-        version_dir = out / name / str(number)
+        entries |= {ANIMATION_MODEL: ANIMATION_OUTPUTS, ANIMATION_STREAM_MODEL: STREAM_OUTPUTS}
+    for name, outputs in entries.items():
+        versions = _version_dirs(out / name)
+        version = versions[-1] if versions else 1
+        if versions and _entry_identity(out / name / str(version)) != (model_version, served):
+            version += 1
+        version_dir = out / name / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         for part in ENTRY_PARTS:
             if (version_dir / part).exists():
@@ -340,14 +413,18 @@ def _write_entry(
         _write(version_dir / PIPELINE_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
         config = entry_config(name, instances, outputs, decoupled=name == ANIMATION_STREAM_MODEL)
         _write(out / name / "config.pbtxt", to_pbtxt(config))
-    for stale in _version_dirs(out / ENTRY_MODEL)[:-KEEP_VERSIONS]:
-        shutil.rmtree(out / ENTRY_MODEL / str(stale))
+        for stale in _version_dirs(out / name)[:-KEEP_VERSIONS]:
+            shutil.rmtree(out / name / str(stale))
     return list(entries)
 
 
-def _entry_families(version_dir: Path) -> dict[str, int] | None:
+def _entry_identity(version_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """What an entry version serves: the model version and the family UNet versions."""
     path = version_dir / PIPELINE_FILE
-    return json.loads(path.read_text()).get("families") if path.is_file() else None
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    return info.get("model_version"), info.get("families")
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:

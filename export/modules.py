@@ -29,18 +29,78 @@ class TextEncoder(torch.nn.Module):
         return (hidden, out[0]) if self.pooled else (hidden,)
 
 
+class ContextWindows:
+    """One clip's FreeNoise windows, set by the UNet for every ContextWindowBlock of its model.
+
+    diffusers calls motion modules with the frame count only, so the windows cannot travel as
+    arguments; the blocks read them from this shared holder during the forward.
+    """
+
+    frames: torch.Tensor  # (windows, window length): frame indices
+    blend: torch.Tensor  # (frames, windows, window length): normalised blend weights
+
+
+class ContextWindowBlock(torch.nn.Module):
+    """diffusers' FreeNoiseTransformerBlock for a motion module, with the windows as tensors.
+
+    FreeNoise loops over windows in Python, which an exported graph would freeze at one clip
+    length. Here all windows are gathered into the batch axis and attended at once, then blended
+    back into frames by one matrix product, so one graph serves any length. Self-attention, the
+    second (temporal self-)attention and the positional embedding run per window; the feed-forward
+    runs per frame after the blend, as in FreeNoise.
+    """
+
+    def __init__(self, block: torch.nn.Module, windows: ContextWindows) -> None:
+        super().__init__()
+        if block.norm_type != "layer_norm" or block.only_cross_attention or block.cross_attention_dim:
+            raise ValueError(
+                "ContextWindowBlock expects an AnimateDiff temporal block (layer norm, self-attention)"
+            )
+        self.block = block
+        self.windows = windows
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        block, index, blend = self.block, self.windows.frames, self.windows.blend
+        batch, frames, channels = hidden_states.shape
+        count, length = index.shape
+        x = hidden_states[:, index.reshape(-1)].reshape(batch * count, length, channels)
+        for norm, attention in ((block.norm1, block.attn1), (block.norm2, block.attn2)):
+            if attention is None:
+                continue
+            normed = norm(x)
+            if block.pos_embed is not None:
+                normed = block.pos_embed(normed)
+            x = attention(normed) + x
+        mixing = blend.reshape(frames, count * length).to(x.dtype)
+        hidden_states = mixing @ x.reshape(batch, count * length, channels)
+        return block.ff(block.norm3(hidden_states)) + hidden_states
+
+
+def _window_motion_modules(model: torch.nn.Module, windows: ContextWindows) -> None:
+    """Swap every temporal transformer block of a UNetMotionModel for a ContextWindowBlock."""
+    blocks = [*model.down_blocks, model.mid_block, *model.up_blocks]
+    for motion_module in (m for b in blocks for m in getattr(b, "motion_modules", ())):
+        layers = motion_module.transformer_blocks
+        for i, layer in enumerate(layers):
+            layers[i] = ContextWindowBlock(layer, windows)
+
+
 class UNet(torch.nn.Module):
     """SDXL UNet with one timestep per batch item, so requests at different steps batch together.
 
-    With `clip=True` it wraps AnimateDiff's UNetMotionModel on one clip (B, C, frames, h, w) and takes
-    the prompt embeddings once per clip, repeating them per frame inside as AnimateDiffSDXLPipeline
-    does before its UNet call.
+    With `clip=True` it wraps AnimateDiff's UNetMotionModel on one clip (B, C, frames, h, w): it
+    takes the prompt embeddings once per clip, repeating them per frame inside as
+    AnimateDiffSDXLPipeline does before its UNet call, and the clip's FreeNoise context windows
+    (ensemble/free_noise.py), which its temporal blocks attend over.
     """
 
     def __init__(self, model: torch.nn.Module, clip: bool = False) -> None:
         super().__init__()
         self.model = model
         self.clip = clip
+        if clip:
+            self.windows = ContextWindows()
+            _window_motion_modules(model, self.windows)
 
     def forward(
         self,
@@ -49,9 +109,13 @@ class UNet(torch.nn.Module):
         encoder_hidden_states: torch.Tensor,
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
+        context_frames: torch.Tensor | None = None,
+        context_blend: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor]:
         if self.clip:
             encoder_hidden_states = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
+            # One clip per execution (motion_unet_spec): the windows are the batch item's.
+            self.windows.frames, self.windows.blend = context_frames[0], context_blend[0]
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         noise = self.model(
             sample,

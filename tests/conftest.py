@@ -30,7 +30,8 @@ def repository(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from birdgen.export.exporter import export_repository
 
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    export_repository(tiny_model, repo, entry_instances=4, progress=lambda _: None)
+    # A deployment cap below the request limit, so the tests see one (see test_animation_serving).
+    export_repository(tiny_model, repo, max_frames=96, entry_instances=4, progress=lambda _: None)
     return repo
 
 

@@ -36,6 +36,15 @@ def test_served_clip_equals_the_in_process_pipeline(server, animation_pipeline) 
     assert served.metadata["frames"] == 16 and served.metadata["unet"]["model"] == "motion_unet"
 
 
+def test_served_long_clip_uses_context_windows_as_in_process(server, animation_pipeline) -> None:
+    """18 frames: a window at 0 and a tail window at 2, through BLS and the motion UNet engine."""
+    request = {**CLIP, "steps": 1, "duration_seconds": 2, "fps": 9, "format": "webp"}
+    with BirdClient(server.grpc_url) as client:
+        served = client.generate_animation(**request)
+    assert served.files == animation_pipeline(AnimationRequest(**request)).files
+    assert read_animation(served.files["webp"]).frame_count == served.metadata["frames"] == 18
+
+
 def test_only_the_asked_format_comes_back(server) -> None:
     with BirdClient(server.grpc_url) as client:
         clip = client.generate_animation(**{**CLIP, "steps": 1, "format": "gif", "fps": 10})
@@ -50,7 +59,8 @@ def test_only_the_asked_format_comes_back(server) -> None:
         ({"duration_seconds": 7}, "duration_seconds", "2..5"),
         ({"fps": 30}, "fps", "8..24"),
         ({"behaviour": "moonwalking"}, "behaviour", "flying"),
-        ({"duration_seconds": 5, "fps": 24}, "duration_seconds", "at most 32 frames"),
+        ({"duration_seconds": 5, "fps": 24}, "duration_seconds", "at most 96 frames"),
+        ({"poster_frame": 16}, "poster_frame", "0..15"),
     ],
 )
 def test_bad_animation_request_names_the_field_and_server_keeps_serving(server, change, field, hint) -> None:

@@ -19,6 +19,7 @@ from birdgen.export.lora import LoraError
 from birdgen.server import TritonServer
 from tests.conftest import ROBIN
 from tests.loras import random_lora
+from tests.test_animation import CLIP, animatediff_sdxl, reference_clip
 from tests.test_parity import assert_close_to_reference, diffusers_image
 
 pytestmark = pytest.mark.triton
@@ -39,6 +40,7 @@ def family_repo(repository: Path, tiny_model: Path, loras: dict[str, Path], tmp_
         tiny_model, repo, loras={"passeriformes": loras["a"]}, progress=lambda _: None
     )
     assert manifest["families"]["Passeriformes"]["version"] == 1
+    assert manifest["families"]["Passeriformes"]["motion"]["model"] == "motion_unet_passeriformes"
     return repo
 
 
@@ -74,6 +76,31 @@ def test_family_unet_loads_on_demand_and_matches_diffusers_with_the_lora_fused(
     pixels = np.asarray(served.image.convert("RGB"))
     assert_close_to_reference(pixels, diffusers_image(pipe, meta, meta["seed"]))
     assert np.abs(pixels.astype(np.int16) - base.astype(np.int16)).mean() > 5  # the LoRA really acts
+
+
+def test_family_clip_draws_on_the_family_motion_unet_and_matches_diffusers(
+    explicit_server, family_repo: Path, tiny_model: Path, loras: dict[str, Path]
+) -> None:
+    from birdgen.ensemble.animation import AnimationPipeline
+    from birdgen.ensemble.runners import LocalRunner
+    from birdgen.schema import AnimationRequest
+
+    request = {**CLIP, "steps": 1, "format": "webp", "poster_frame": 3}
+    with BirdClient(explicit_server.grpc_url) as client:
+        served = client.generate_animation(**request)
+    meta = served.metadata
+    assert meta["unet"] == {"model": "motion_unet_passeriformes", "version": 1}
+    assert meta["family"] == "Passeriformes" and meta["lora"]["family"] == "Passeriformes"
+
+    entry = max(
+        (p for p in (family_repo / "bird_animation").iterdir() if p.is_dir()), key=lambda p: int(p.name)
+    )
+    local = AnimationPipeline(entry, LocalRunner(family_repo))(AnimationRequest(**request))
+    assert served.files == local.files
+    pipe = animatediff_sdxl(tiny_model)
+    pipe.load_lora_weights(str(loras["a"]))
+    pipe.fuse_lora()
+    assert_close_to_reference(local.frames, reference_clip(pipe, local, 1, 16))
 
 
 def test_routing_unknown_species_and_families_without_a_lora_use_the_base(
@@ -135,8 +162,9 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
         worker.start()
     time.sleep(1.0)
     with BirdClient(explicit_server.grpc_url) as client:
-        client.roll_out("unet_passeriformes")  # returns once version 2 and the new entry serve
+        client.roll_out("unet_passeriformes")  # returns once version 2 and the new entries serve
         after = client.generate_image(**{**ROBIN, "seed": 5})
+        clip = client.generate_animation(**{**CLIP, "steps": 1, "format": "webp"})
         time.sleep(1.0)
     stop.set()
     for worker in workers:
@@ -148,14 +176,18 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
         and after.metadata["lora"]["sha256"] != before.metadata["lora"]["sha256"]
     )
     assert after.data != before.data
+    assert clip.metadata["unet"] == {"model": "motion_unet_passeriformes", "version": 2}
+    assert clip.metadata["lora"]["sha256"] == after.metadata["lora"]["sha256"]
     assert verify_manifest(family_repo) == []
 
     # A third version prunes the first (the served one and the one before stay); an unchanged LoRA is skipped.
     export_repository(tiny_model, family_repo, loras={"Passeriformes": loras["a"]}, progress=lambda _: None)
-    assert sorted(p.name for p in (family_repo / "unet_passeriformes").iterdir() if p.is_dir()) == ["2", "3"]
+    for model in ("unet_passeriformes", "motion_unet_passeriformes"):
+        assert sorted(p.name for p in (family_repo / model).iterdir() if p.is_dir()) == ["2", "3"]
     messages: list[str] = []
     export_repository(tiny_model, family_repo, loras={"Passeriformes": loras["a"]}, progress=messages.append)
-    assert any("unet_passeriformes: up to date (version 3)" in m for m in messages)
+    for model in ("unet_passeriformes", "motion_unet_passeriformes"):
+        assert f"{model}: up to date (version 3), skipped" in messages
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
@@ -208,6 +240,10 @@ def test_bad_lora_fails_export_and_writes_nothing(
     assert not list(repo.parent.glob(".unet_*"))
 
 
+def ready(model: str, listing: str) -> bool:
+    return any(line.split()[:1] == [model] and "READY" in line for line in listing.splitlines())
+
+
 def test_models_command_lists_and_loads(explicit_server) -> None:
     from tests.test_cli import run
 
@@ -215,10 +251,10 @@ def test_models_command_lists_and_loads(explicit_server) -> None:
     assert done.returncode == 0, done.stderr
     listing = run("models", "list", "--url", explicit_server.grpc_url).stdout
     assert "unet_passeriformes" in listing and "READY" in listing  # the other models still serve
-    assert not any("unet_passeriformes" in line and "READY" in line for line in listing.splitlines())
+    assert not ready("unet_passeriformes", listing)
     done = run("models", "load", "unet_passeriformes", "--url", explicit_server.grpc_url)
     assert done.returncode == 0, done.stderr
-    assert any("unet_passeriformes" in line and "READY" in line for line in done.stdout.splitlines())
+    assert ready("unet_passeriformes", done.stdout) and ready("motion_unet_passeriformes", done.stdout)
     missing = run("models", "load", "--url", explicit_server.grpc_url)
     assert missing.returncode == 2 and "needs a model name" in missing.stderr
 

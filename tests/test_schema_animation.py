@@ -16,6 +16,7 @@ from birdgen.schema import (
     DEFAULT_LIMITS,
     LIMITS,
     MISSING,
+    OUTPUT_CHOICES,
     AnimationRequest,
     ImageRequest,
     Limits,
@@ -111,7 +112,7 @@ def test_defaults(lib: PromptLibrary) -> None:
         "both",
     )
     assert request.scientific_name is request.species_id is request.family is None
-    assert request.prompt is request.negative_prompt is None
+    assert request.prompt is request.negative_prompt is None and request.poster_frame == 0
     assert [
         *IMAGE_FIELDS[:4],
         "behaviour",
@@ -119,6 +120,7 @@ def test_defaults(lib: PromptLibrary) -> None:
         "duration_seconds",
         "fps",
         "format",
+        "poster_frame",
         "prompt",
         "negative_prompt",
     ] == FIELD_NAMES
@@ -181,6 +183,10 @@ BAD = [
     ({"family": "Dinosauria"}, "family", "Passeriformes"),
     ({"seed": -1}, "seed", "an integer 0..9223372036854775807"),
     ({"prompt": "p" * 1001}, "prompt", "at most 1000 characters"),
+    ({"poster_frame": 16}, "poster_frame", "0..15 (this clip has 16 frames)"),
+    ({"poster_frame": 24, "fps": 12}, "poster_frame", "0..23"),
+    ({"poster_frame": -1}, "poster_frame", "0..15"),
+    ({"poster_frame": 1.0}, "poster_frame", "a frame number, 0 (the first) up to frames - 1"),
 ]
 
 
@@ -365,6 +371,7 @@ CHANGES = {
     "duration_seconds": 3,
     "fps": 12,
     "format": "gif",
+    "poster_frame": 7,
     "prompt": "a robin",
     "negative_prompt": "cats",
 }
@@ -377,10 +384,10 @@ def test_every_field_change_changes_canonical_json_and_seed() -> None:
     for field, value in CHANGES.items():
         changed = AnimationRequest(**{**ROBIN, field: value})
         texts.add(changed.canonical_json())
-        if field != "format":
+        if field not in OUTPUT_CHOICES:
             seeds.add(changed.resolved_seed())
     assert len(texts) == len(CHANGES) + 1
-    assert len(seeds) == len(CHANGES)  # every field but the output format picks the frames
+    assert len(seeds) == len(CHANGES) - 1  # every field but the format and the poster picks the frames
     for fmt in ANIMATION.formats:
         assert AnimationRequest(**ROBIN, format=fmt).resolved_seed() == base.resolved_seed()
     assert AnimationRequest(**ROBIN, seed=3).resolved_seed() == 3
