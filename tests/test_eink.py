@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from birdgen.eink import (
     FITS,
     PRESETS,
     EinkPresets,
+    EinkResult,
     pack_buffer,
     render_eink,
     row_bytes,
@@ -235,7 +237,7 @@ def _square_picture(width: int, height: int, left: int, top: int, side: int = 60
     return picture
 
 
-def _black_pixels(result) -> int:  # type: ignore[no-untyped-def]
+def _black_pixels(result: EinkResult) -> int:
     return int((unpack_buffer(result.buffer, result.width, result.height, result.bits_per_pixel) == 0).sum())
 
 
@@ -359,7 +361,7 @@ def test_unlabelled_or_broken_bytes_are_refused() -> None:
         render_eink(b"not an image", "400x300")
 
 
-def _write_presets(tmp_path, text: str):  # type: ignore[no-untyped-def]
+def _write_presets(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "eink_panels.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -377,7 +379,7 @@ panels:
 """
 
 
-def test_a_valid_presets_file_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_valid_presets_file_loads(tmp_path: Path) -> None:
     presets = EinkPresets.load(_write_presets(tmp_path, VALID))
     assert list(presets.panels) == ["400x300"] and presets.palettes["bw"].white_value == 1
 
@@ -393,7 +395,7 @@ def test_a_valid_presets_file_loads(tmp_path) -> None:  # type: ignore[no-untype
         ("400x300:", "400X300:", "lower-case"),
     ],
 )
-def test_invalid_presets_fail_at_load(tmp_path, old: str, new: str, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_presets_fail_at_load(tmp_path: Path, old: str, new: str, message: str) -> None:
     assert old in VALID
     with pytest.raises(DataFileError, match=message):
         EinkPresets.load(_write_presets(tmp_path, VALID.replace(old, new)))
