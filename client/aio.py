@@ -23,6 +23,7 @@ from birdgen.client.calls import (
     ClientBase,
     GeneratedAnimation,
     GeneratedImage,
+    OnProgress,
     animation_call,
     as_animation,
     as_image,
@@ -54,23 +55,20 @@ class AsyncBirdClient(ClientBase):
         """Generate one image. Pass an ImageRequest, a mapping, or the fields as keywords."""
         call = image_call(request, fields)
         attempts = self._attempts(deadline_s)
-        return as_image(await self._cached(call, attempts, lambda: self._infer(call, attempts)))
+        return as_image(await self._cached(call, attempts, lambda: self._generate(call, attempts)))
 
     async def generate_animation(
         self,
         request: AnimationRequest | Mapping[str, Any] | None = None,
         *,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: OnProgress | None = None,
         deadline_s: float | None = None,
         **fields: Any,
     ) -> GeneratedAnimation:
         """Generate one clip; with `on_progress`, streamed as by BirdClient.generate_animation."""
         call = animation_call(request, fields, stream=on_progress is not None)
         attempts = self._attempts(deadline_s)
-        if on_progress is None:
-            entry = await self._cached(call, attempts, lambda: self._infer(call, attempts))
-        else:
-            entry = await self._cached(call, attempts, lambda: self._stream(call, attempts, on_progress))
+        entry = await self._cached(call, attempts, lambda: self._generate(call, attempts, on_progress))
         return as_animation(entry)
 
     async def _cached(
@@ -105,18 +103,18 @@ class AsyncBirdClient(ClientBase):
             except InferenceServerException as exc:
                 await asyncio.sleep(attempts.pause_after(exc))
 
-    async def _infer(self, call: Call, attempts: Attempts) -> CacheEntry:
-        result = await self._rpc(attempts, "infer", call.model, call.inputs(), outputs=call.requested())
-        return call.entry(result)
-
-    async def _stream(
-        self, call: Call, attempts: Attempts, on_progress: Callable[[dict[str, Any]], None]
+    async def _generate(
+        self,
+        call: Call,
+        attempts: Attempts,
+        on_progress: OnProgress | None = None,
     ) -> CacheEntry:
+        if on_progress is None:
+            result = await self._rpc(attempts, "infer", call.model, call.inputs(), outputs=call.requested())
+            return call.entry(result)
         return await self._retrying(attempts, lambda timeout: self._stream_once(call, timeout, on_progress))
 
-    async def _stream_once(
-        self, call: Call, timeout: float, on_progress: Callable[[dict[str, Any]], None]
-    ) -> CacheEntry:
+    async def _stream_once(self, call: Call, timeout: float, on_progress: OnProgress) -> CacheEntry:
         """One request over a gRPC stream: progress responses, then the final one with the outputs."""
 
         async def requests() -> AsyncIterator[dict[str, Any]]:

@@ -130,6 +130,10 @@ class _Command:
         return getattr(client, self.name)(*self.args, **self.kwargs)
 
 
+def _release(lock: str, token: str) -> _Command:
+    return _Command("eval", _RELEASE, 1, lock, token)
+
+
 @dataclass(frozen=True)
 class _Sleep:
     seconds: float
@@ -283,12 +287,12 @@ class ResponseCache:
         except BaseException as exc:
             if owner and not isinstance(exc, GeneratorExit):  # waiters need not wait out the lock
                 with contextlib.suppress(redis.RedisError):
-                    yield _Command("eval", _RELEASE, 1, lock, token)
+                    yield _release(lock, token)
             raise
         try:
             yield _Command("set", key, encode_entry(entry), ex=self.ttl_s)
             if owner:
-                yield _Command("eval", _RELEASE, 1, lock, token)
+                yield _release(lock, token)
         except redis.RedisError as exc:
             self._failed(exc, kind)
         return entry
@@ -307,7 +311,7 @@ class ResponseCache:
             raw = yield _Command("get", key)
             if raw is not None:
                 if owner:
-                    yield _Command("eval", _RELEASE, 1, lock, token)
+                    yield _release(lock, token)
                 return decode_entry(raw), False
             if owner:
                 return None, True

@@ -49,6 +49,7 @@ RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 # made by another process reaches this client's cache keys within this many seconds.
 MODEL_VERSION_TTL_S = 10.0
 RequestT = TypeVar("RequestT", ImageRequest, AnimationRequest)
+OnProgress = Callable[[dict[str, Any]], None]  # takes each streamed {"stage", "done", "total"}
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class Call:
         self,
         result: InferResult | None,
         error: Exception | None,
-        on_progress: Callable[[dict[str, Any]], None],
+        on_progress: OnProgress,
     ) -> CacheEntry | None:
         """One streamed response: the entry from the final one; None after handing a progress
         message ({"stage", "done", "total"}) to `on_progress`."""

@@ -24,6 +24,7 @@ from birdgen.client.calls import (
     ClientBase,
     GeneratedAnimation,
     GeneratedImage,
+    OnProgress,
     animation_call,
     as_animation,
     as_image,
@@ -53,13 +54,13 @@ class BirdClient(ClientBase):
         """Generate one image. Pass an ImageRequest, a mapping, or the fields as keywords."""
         call = image_call(request, fields)
         attempts = self._attempts(deadline_s)
-        return as_image(self._cached(call, attempts, lambda: self._infer(call, attempts)))
+        return as_image(self._cached(call, attempts, lambda: self._generate(call, attempts)))
 
     def generate_animation(
         self,
         request: AnimationRequest | Mapping[str, Any] | None = None,
         *,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: OnProgress | None = None,
         deadline_s: float | None = None,
         **fields: Any,
     ) -> GeneratedAnimation:
@@ -71,9 +72,7 @@ class BirdClient(ClientBase):
         """
         call = animation_call(request, fields, stream=on_progress is not None)
         attempts = self._attempts(deadline_s)
-        if on_progress is None:
-            return as_animation(self._cached(call, attempts, lambda: self._infer(call, attempts)))
-        return as_animation(self._cached(call, attempts, lambda: self._stream(call, attempts, on_progress)))
+        return as_animation(self._cached(call, attempts, lambda: self._generate(call, attempts, on_progress)))
 
     def _cached(self, call: Call, attempts: Attempts, generate: Callable[[], CacheEntry]) -> CacheEntry:
         if self.cache is None:
@@ -104,25 +103,23 @@ class BirdClient(ClientBase):
             except InferenceServerException as exc:
                 time.sleep(attempts.pause_after(exc))
 
-    def _infer(self, call: Call, attempts: Attempts) -> CacheEntry:
-        return call.entry(self._rpc(attempts, "infer", call.model, call.inputs(), outputs=call.requested()))
-
-    def _stream(
-        self, call: Call, attempts: Attempts, on_progress: Callable[[dict[str, Any]], None]
+    def _generate(
+        self,
+        call: Call,
+        attempts: Attempts,
+        on_progress: OnProgress | None = None,
     ) -> CacheEntry:
+        if on_progress is None:
+            return call.entry(
+                self._rpc(attempts, "infer", call.model, call.inputs(), outputs=call.requested())
+            )
         return self._retrying(attempts, lambda timeout: self._stream_once(call, timeout, on_progress))
 
-    def _stream_once(
-        self, call: Call, timeout: float, on_progress: Callable[[dict[str, Any]], None]
-    ) -> CacheEntry:
+    def _stream_once(self, call: Call, timeout: float, on_progress: OnProgress) -> CacheEntry:
         """One request over a gRPC stream: progress responses, then the final one with the outputs."""
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
         deadline = time.monotonic() + timeout
-        self._client.start_stream(
-            callback=lambda result, error: answers.put((result, error)),
-            stream_timeout=timeout,
-            headers=self.headers,
-        )
+        self._client.start_stream(lambda result, error: answers.put((result, error)), headers=self.headers)
         try:
             self._client.async_stream_infer(call.model, call.inputs(), outputs=call.requested())
             while True:

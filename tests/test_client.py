@@ -65,12 +65,30 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._answer(context)
+        return self._outputs(request, [output.name for output in request.outputs])
+
+    def ModelStreamInfer(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """As bird_animation_stream: a progress message per step, then the clip."""
+        for request in requests:
+            self._answer(context)
+            for step in (1, 2):
+                progress = {"stage": "denoise", "done": step, "total": 2}
+                yield service_pb2.ModelStreamInferResponse(
+                    infer_response=self._outputs(request, [], progress)
+                )
+            names = [output.name for output in request.outputs if output.name != "progress"]
+            yield service_pb2.ModelStreamInferResponse(infer_response=self._outputs(request, names))
+
+    @staticmethod
+    def _outputs(request: Any, names: list[str], progress: dict | None = None) -> Any:
         sent = json.loads(deserialize_bytes_tensor(request.raw_input_contents[0])[0])
         files = {**FILES, "metadata": json.dumps({"format": sent["format"], "request": sent}).encode()}
+        if progress is not None:
+            names, files["progress"] = ["progress"], json.dumps(progress).encode()
         response = service_pb2.ModelInferResponse(model_name=request.model_name)
-        for output in request.outputs:
-            response.outputs.add(name=output.name, datatype="BYTES", shape=[1])
-            tensor = serialize_byte_tensor(np.array([files[output.name]], dtype=np.object_))
+        for name in names:
+            response.outputs.add(name=name, datatype="BYTES", shape=[1])
+            tensor = serialize_byte_tensor(np.array([files[name]], dtype=np.object_))
             response.raw_output_contents.append(tensor.item())
         return response
 
@@ -224,6 +242,25 @@ def test_the_deadline_is_honoured(kind: str, where: str) -> None:
         generate(kind, url, "generate_image", ROBIN, retry=FAST, **options)
     assert time.monotonic() - start < 0.3 + 0.5
     assert len(fake.calls) == 1  # a deadline is not retried
+
+
+def test_a_stream_hands_over_progress_and_is_retried_before_it_starts(kind: str) -> None:
+    fake, messages = FakeTriton(failures=(grpc.StatusCode.UNAVAILABLE,)), []
+    with serving(fake) as url:
+        clip = generate(
+            kind, url, "generate_animation", CLIP, retry=FAST, call={"on_progress": messages.append}
+        )
+    assert len(fake.calls) == 2 and [m["done"] for m in messages] == [1, 2]
+    assert clip.files == {"webp": FILES["webp"], "poster": FILES["poster"]}
+
+
+def test_a_stream_honours_the_deadline(kind: str) -> None:
+    fake = FakeTriton(delay_s=3.0)
+    start = time.monotonic()
+    with serving(fake) as url, pytest.raises(DeadlineExceededError):
+        call = {"on_progress": lambda _: None, "deadline_s": 0.3}
+        generate(kind, url, "generate_animation", CLIP, retry=FAST, call=call)
+    assert time.monotonic() - start < 0.3 + 0.5 and len(fake.calls) == 1
 
 
 # -- validation, headers, model control, TLS ---------------------------------------------------------
