@@ -128,7 +128,7 @@ def _output_path(out: Path, fmt: str) -> Path:
 def _generate_image(args: argparse.Namespace) -> int:
     from birdgen.client import BirdClient
 
-    with BirdClient(args.url, timeout_s=args.timeout) as client:
+    with BirdClient(args.url, deadline_s=args.timeout) as client:
         image = client.generate_image(**_request_fields(args, ImageRequest))
     path = image.save(_output_path(args.out, image.format))
     print(json.dumps(image.metadata, indent=2, sort_keys=True))
@@ -139,7 +139,7 @@ def _generate_image(args: argparse.Namespace) -> int:
 def _generate_animation(args: argparse.Namespace) -> int:
     from birdgen.client import BirdClient
 
-    with BirdClient(args.url, timeout_s=args.timeout) as client:
+    with BirdClient(args.url, deadline_s=args.timeout) as client:
         clip = client.generate_animation(**_request_fields(args, AnimationRequest))
     written = clip.save(args.out, gif=args.gif, poster=args.poster)
     print(json.dumps(clip.metadata, indent=2, sort_keys=True))

@@ -1,6 +1,10 @@
-"""birdgen's client library (no torch): `BirdClient(url).generate_image(...)`."""
+"""birdgen's client library (no torch): `BirdClient(url).generate_image(...)`, its asyncio twin
+`AsyncBirdClient`, and the Redis `ResponseCache` either can use (docs/client.md)."""
 
-from birdgen.client.client import BirdClient, GeneratedAnimation, GeneratedImage
+from birdgen.client.aio import AsyncBirdClient
+from birdgen.client.cache import CacheEntry, ResponseCache, cache_key
+from birdgen.client.calls import GeneratedAnimation, GeneratedImage, RetryPolicy
+from birdgen.client.client import BirdClient
 from birdgen.client.errors import (
     BirdgenError,
     DeadlineExceededError,
@@ -10,12 +14,17 @@ from birdgen.client.errors import (
 )
 
 __all__ = [
+    "AsyncBirdClient",
     "BirdClient",
     "BirdgenError",
+    "CacheEntry",
     "DeadlineExceededError",
     "GeneratedAnimation",
     "GeneratedImage",
     "GenerationError",
     "InvalidRequestError",
+    "ResponseCache",
+    "RetryPolicy",
     "ServerUnavailableError",
+    "cache_key",
 ]

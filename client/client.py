@@ -1,255 +1,165 @@
 """`BirdClient`: the platform backend's way to ask birdgen for a bird, over Triton gRPC.
 
 Thin on purpose: no torch. The request is validated with the same schema the server uses before
-anything is sent, so a bad request fails fast with the same message the server would give.
+anything is sent, so a bad request fails fast with the same message the server would give. What a
+call means (requests, results, retries, errors) lives in calls.py, shared with `AsyncBirdClient`.
 """
 
 from __future__ import annotations
 
-import json
 import queue
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import cached_property
-from io import BytesIO
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
-from PIL import Image
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
-from birdgen.client.errors import (
-    BirdgenError,
-    DeadlineExceededError,
-    GenerationError,
-    InvalidRequestError,
-    ServerUnavailableError,
+from birdgen.client.cache import CacheEntry
+from birdgen.client.calls import (
+    Attempts,
+    Call,
+    ClientBase,
+    GeneratedAnimation,
+    GeneratedImage,
+    OnProgress,
+    animation_call,
+    as_animation,
+    as_image,
+    image_call,
+    models_of,
+    roll_out_order,
 )
-from birdgen.ensemble.routing import MOTION_UNET, family_of
-from birdgen.ensemble.routing import family_model as family_model_name
-from birdgen.schema import (
-    AnimationRequest,
-    ImageRequest,
-    RequestError,
-    parse_animation_request,
-    parse_image_request,
-)
+from birdgen.client.errors import DeadlineExceededError
+from birdgen.schema import AnimationRequest, ImageRequest
 
-IMAGE_MODEL = "bird_image"
-ANIMATION_MODEL = "bird_animation"
-ANIMATION_STREAM_MODEL = "bird_animation_stream"
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class GeneratedImage:
-    """An encoded image with its generation metadata (also embedded in the file)."""
-
-    data: bytes
-    format: str
-    metadata: dict[str, Any]
+class BirdClient(ClientBase):
+    """Synchronous client; one gRPC channel, opened on the first call, reused. Options: ClientBase."""
 
     @cached_property
-    def image(self) -> Image.Image:
-        image = Image.open(BytesIO(self.data))
-        image.load()
-        return image
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.data)
-        return path
-
-
-@dataclass(frozen=True)
-class GeneratedAnimation:
-    """An animation as animated WebP and/or GIF, a PNG poster frame, and the generation metadata."""
-
-    files: dict[str, bytes]  # "webp", "gif" (those asked for) and "poster"
-    metadata: dict[str, Any]
-
-    def save(
-        self, path: str | Path, *, gif: str | Path | None = None, poster: str | Path | None = None
-    ) -> list[Path]:
-        """Write the WebP (or the GIF, when only that was made) to `path`, and the others if asked."""
-        main = "webp" if "webp" in self.files else "gif"
-        targets = [(main, path)] + [
-            (name, p) for name, p in (("gif", gif), ("poster", poster)) if p is not None
-        ]
-        written = []
-        for name, target in targets:
-            if name not in self.files:
-                raise ValueError(f"no {name} in this animation (format was {self.metadata.get('format')!r})")
-            target = Path(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.files[name])
-            written.append(target)
-        return written
-
-
-class BirdClient:
-    """Synchronous client; one gRPC channel reused across calls."""
-
-    def __init__(self, url: str = "localhost:8001", *, timeout_s: float = 120.0) -> None:
-        import tritonclient.grpc as grpcclient
-
-        self.url = url
-        self.timeout_s = timeout_s
-        self._grpc = grpcclient
-        self._client = grpcclient.InferenceServerClient(url=url)
+    def _client(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(**self._connection())
 
     def generate_image(
-        self, request: ImageRequest | Mapping[str, Any] | None = None, **fields: Any
+        self,
+        request: ImageRequest | Mapping[str, Any] | None = None,
+        *,
+        deadline_s: float | None = None,
+        **fields: Any,
     ) -> GeneratedImage:
         """Generate one image. Pass an ImageRequest, a mapping, or the fields as keywords."""
-        try:
-            parsed = parse_image_request(request if request is not None else fields)
-        except RequestError as exc:
-            raise InvalidRequestError(str(exc)) from None
-        outputs = self._infer(IMAGE_MODEL, parsed.canonical_json(), ("image", "metadata"))
-        metadata = json.loads(outputs["metadata"])
-        return GeneratedImage(outputs["image"], metadata["format"], metadata)
+        call = image_call(request, fields)
+        attempts = self._attempts(deadline_s)
+        return as_image(self._cached(call, attempts, lambda: self._generate(call, attempts)))
 
     def generate_animation(
         self,
         request: AnimationRequest | Mapping[str, Any] | None = None,
         *,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: OnProgress | None = None,
+        deadline_s: float | None = None,
         **fields: Any,
     ) -> GeneratedAnimation:
         """Generate one clip (behaviour, duration_seconds, fps, format webp|gif|both, ...).
 
         With `on_progress`, the call streams from `bird_animation_stream` and hands each progress
-        message ({"stage": "denoise" | "decode", "done", "total"}) to it before returning the clip.
+        message ({"stage": "denoise" | "decode", "done", "total"}) to it before returning the clip
+        (none on a cache hit; after a retry, progress starts again).
         """
-        try:
-            parsed = parse_animation_request(request if request is not None else fields)
-        except RequestError as exc:
-            raise InvalidRequestError(str(exc)) from None
-        names = ("webp", "gif", "poster", "metadata")
-        if on_progress is None:
-            outputs = self._infer(ANIMATION_MODEL, parsed.canonical_json(), names)
-        else:
-            outputs = self._stream(ANIMATION_STREAM_MODEL, parsed.canonical_json(), names, on_progress)
-        metadata = json.loads(outputs.pop("metadata"))
-        return GeneratedAnimation({name: data for name, data in outputs.items() if data}, metadata)
+        call = animation_call(request, fields, stream=on_progress is not None)
+        attempts = self._attempts(deadline_s)
+        return as_animation(self._cached(call, attempts, lambda: self._generate(call, attempts, on_progress)))
 
-    def _infer(self, model: str, request_json: str, outputs: tuple[str, ...]) -> dict[str, bytes]:
-        from tritonclient.utils import InferenceServerException
+    def _cached(self, call: Call, attempts: Attempts, generate: Callable[[], CacheEntry]) -> CacheEntry:
+        if self.cache is None:
+            return generate()
+        version = self._model_version(call.cache_model, attempts)
+        return self.cache.get_or_generate(
+            call.request, generate, model_version=version, wait_s=attempts.remaining()
+        )
 
-        grpc = self._grpc
-        tensor = grpc.InferInput("request", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([request_json.encode()], dtype=np.object_))
-        try:
-            result = self._client.infer(
-                model,
-                [tensor],
-                outputs=[grpc.InferRequestedOutput(o) for o in outputs],
-                client_timeout=self.timeout_s,
-            )
-        except InferenceServerException as exc:
-            raise self._error(exc) from None
-        return {o: result.as_numpy(o).reshape(-1)[0] for o in outputs}
+    def _model_version(self, model: str, attempts: Attempts) -> str:
+        known = self._versions.get(model)
+        if known is not None:
+            return known
+        return self._versions.put(model, self._rpc(attempts, "get_model_metadata", model, as_json=True))
 
-    def _stream(
+    def _rpc(self, attempts: Attempts, method: str, *args: Any, **kwargs: Any) -> Any:
+        """tritonclient's `method` with this client's headers, under the call's deadline and retries."""
+        rpc = getattr(self._client, method)
+        return self._retrying(
+            attempts, lambda timeout: rpc(*args, headers=self.headers, client_timeout=timeout, **kwargs)
+        )
+
+    def _retrying(self, attempts: Attempts, attempt: Callable[[float], T]) -> T:
+        """`attempt(timeout)` until it succeeds or `attempts` says stop (then its typed error)."""
+        while True:
+            try:
+                return attempt(attempts.timeout())
+            except InferenceServerException as exc:
+                time.sleep(attempts.pause_after(exc))
+
+    def _generate(
         self,
-        model: str,
-        request_json: str,
-        outputs: tuple[str, ...],
-        on_progress: Callable[[dict[str, Any]], None],
-    ) -> dict[str, bytes]:
+        call: Call,
+        attempts: Attempts,
+        on_progress: OnProgress | None = None,
+    ) -> CacheEntry:
+        if on_progress is None:
+            return call.entry(
+                self._rpc(attempts, "infer", call.model, call.inputs(), outputs=call.requested())
+            )
+        return self._retrying(attempts, lambda timeout: self._stream_once(call, timeout, on_progress))
+
+    def _stream_once(self, call: Call, timeout: float, on_progress: OnProgress) -> CacheEntry:
         """One request over a gRPC stream: progress responses, then the final one with the outputs."""
-        grpc = self._grpc
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        tensor = grpc.InferInput("request", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([request_json.encode()], dtype=np.object_))
-        requested = [grpc.InferRequestedOutput(o) for o in (*outputs, "progress")]
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + timeout
+        self._client.start_stream(lambda result, error: answers.put((result, error)), headers=self.headers)
         try:
-            self._client.start_stream(callback=lambda result, error: answers.put((result, error)))
-            self._client.async_stream_infer(model, [tensor], outputs=requested)
+            self._client.async_stream_infer(call.model, call.inputs(), outputs=call.requested())
             while True:
                 try:
                     result, error = answers.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    raise DeadlineExceededError(
-                        f"no answer from {self.url} within {self.timeout_s:g}s"
-                    ) from None
-                if error is not None:
-                    raise self._stream_error(error)
-                progress = result.as_numpy("progress")
-                if progress is not None:
-                    on_progress(json.loads(progress.reshape(-1)[0]))
-                    continue
-                return {o: result.as_numpy(o).reshape(-1)[0] for o in outputs}
-        except Exception as exc:
-            if isinstance(exc, BirdgenError):
-                raise
-            raise self._error(exc) from None
+                    raise DeadlineExceededError(f"no answer from {self.url} within {timeout:g}s") from None
+                entry = call.answer(result, error, on_progress)
+                if entry is not None:
+                    return entry
         finally:
-            self._client.stop_stream()
-
-    def _stream_error(self, exc: Exception) -> BirdgenError:
-        """A gRPC stream carries an error's message but not its status code; birdgen's request
-        errors are recognised by the form schema.RequestError gives every message."""
-        message = getattr(exc, "message", lambda: str(exc))() or str(exc)
-        if not getattr(exc, "status", lambda: None)() and message.startswith(("invalid '", "missing '")):
-            return InvalidRequestError(message)
-        return self._error(exc)
-
-    def _error(self, exc: Exception) -> BirdgenError:
-        status = str(getattr(exc, "status", lambda: "")() or "")
-        message = getattr(exc, "message", lambda: str(exc))() or str(exc)
-        if "INVALID_ARGUMENT" in status:
-            return InvalidRequestError(message)
-        if "UNAVAILABLE" in status:
-            return ServerUnavailableError(self.url, message)
-        if "DEADLINE_EXCEEDED" in status or "Deadline" in message:
-            return DeadlineExceededError(f"no answer from {self.url} within {self.timeout_s:g}s")
-        return GenerationError(f"{status or 'error'}: {message}")
+            self._client.stop_stream(cancel_requests=True)
 
     # -- model control (the server runs with explicit model control) ----------------------------------
-    def list_models(self) -> list[dict[str, str]]:
+    def list_models(self, *, deadline_s: float | None = None) -> list[dict[str, str]]:
         """Every model in the repository with its version, state (READY, UNAVAILABLE, ...) and reason."""
-        try:
-            index = self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
-        except Exception as exc:
-            raise self._error(exc) from None
-        return [
-            {k: str(m.get(k, "")) for k in ("name", "version", "state", "reason")}
-            for m in index.get("models", [])
-        ]
+        return models_of(self._rpc(self._attempts(deadline_s), "get_model_repository_index", as_json=True))
 
-    def load_model(self, name: str) -> None:
+    def load_model(self, name: str, *, deadline_s: float | None = None) -> None:
         """Load `name`, or reload it onto its newest version (the old one answers until the new is ready)."""
-        self._control(self._client.load_model, name)
+        self._rpc(self._attempts(deadline_s), "load_model", name)
+        self._versions.forget()
 
-    def roll_out(self, family_model: str) -> list[str]:
-        """Serve a family's newest UNets (`unet_<family>`, and `motion_unet_<family>` when exported),
-        then the entries' newest versions (fresh response caches); no downtime. Returns the models
-        loaded, in order."""
-        family = family_of(family_model)
-        if family is None:
-            raise InvalidRequestError(f"'{family_model}' is not a family UNet (unet_<family>)")
-        present = {m["name"] for m in self.list_models()}
-        order = [family_model_name(family), family_model_name(family, MOTION_UNET)]
-        loaded = [m for m in (*order, IMAGE_MODEL, ANIMATION_MODEL, ANIMATION_STREAM_MODEL) if m in present]
+    def roll_out(self, family_model: str, *, deadline_s: float | None = None) -> list[str]:
+        """Serve a family's newest UNets, then the entries' newest versions (fresh response caches);
+        no downtime. Returns the models loaded, in order (see calls.roll_out_order)."""
+        present = {m["name"] for m in self.list_models(deadline_s=deadline_s)}
+        loaded = roll_out_order(family_model, present)
         for name in loaded:
-            self.load_model(name)
+            self.load_model(name, deadline_s=deadline_s)
         return loaded
 
-    def unload_model(self, name: str) -> None:
-        self._control(self._client.unload_model, name)
-
-    def _control(self, action: Any, name: str) -> None:
-        try:
-            action(name, client_timeout=self.timeout_s)
-        except Exception as exc:
-            raise self._error(exc) from None
+    def unload_model(self, name: str, *, deadline_s: float | None = None) -> None:
+        self._rpc(self._attempts(deadline_s), "unload_model", name)
+        self._versions.forget()
 
     def close(self) -> None:
-        self._client.close()
+        client = self.__dict__.pop("_client", None)  # only if a call opened it
+        if client is not None:
+            client.close()
 
     def __enter__(self) -> BirdClient:
         return self

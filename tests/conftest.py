@@ -16,6 +16,8 @@ from birdgen.server import TritonServer
 
 # The demo request at 256 px: the same real path, four times cheaper on CPU.
 ROBIN = {**DEMO_REQUEST, "width": 256, "height": 256}
+# The same bird as a clip: a behaviour instead of the pose, the animation's own format and steps.
+CLIP = {k: v for k, v in ROBIN.items() if k not in ("pose", "format", "steps")} | {"behaviour": "flying"}
 
 
 @pytest.fixture(scope="session")

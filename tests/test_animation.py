@@ -16,10 +16,8 @@ from PIL import Image
 
 from birdgen.media import read_animation
 from birdgen.schema import AnimationRequest
-from tests.conftest import ROBIN
+from tests.conftest import CLIP
 from tests.test_parity import assert_close_to_reference
-
-CLIP = {k: v for k, v in ROBIN.items() if k not in ("pose", "format", "steps")} | {"behaviour": "flying"}
 
 
 def animatediff_sdxl(tiny_model: Path, free_noise: bool = False):  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from birdgen.client import BirdClient, InvalidRequestError
 from birdgen.media import read_animation, read_metadata
 from birdgen.schema import AnimationRequest
-from tests.test_animation import CLIP
+from tests.conftest import CLIP
 from tests.test_cli import run
 
 pytestmark = pytest.mark.triton
@@ -75,7 +75,7 @@ def test_bad_animation_request_names_the_field_and_server_keeps_serving(server, 
 def test_client_validates_animation_before_sending() -> None:
     from birdgen.server import free_port
 
-    with BirdClient(f"127.0.0.1:{free_port()}", timeout_s=5) as client, pytest.raises(InvalidRequestError):
+    with BirdClient(f"127.0.0.1:{free_port()}", deadline_s=5) as client, pytest.raises(InvalidRequestError):
         client.generate_animation(**{**CLIP, "fps": 99})
 
 

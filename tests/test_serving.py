@@ -120,7 +120,7 @@ def test_malformed_json_is_invalid_argument(server) -> None:
 def test_client_rejects_bad_request_before_sending() -> None:
     # Nothing listens on this port: a local validation error proves nothing was sent.
     with (
-        BirdClient(f"127.0.0.1:{free_port()}", timeout_s=5) as client,
+        BirdClient(f"127.0.0.1:{free_port()}", deadline_s=5) as client,
         pytest.raises(InvalidRequestError) as e,
     ):
         client.generate_image(**{**ROBIN, "pose": "upside-down"})
@@ -129,7 +129,7 @@ def test_client_rejects_bad_request_before_sending() -> None:
 
 def test_unreachable_server_is_a_typed_error_naming_the_url() -> None:
     url = f"127.0.0.1:{free_port()}"
-    with BirdClient(url, timeout_s=5) as client, pytest.raises(ServerUnavailableError) as caught:
+    with BirdClient(url, deadline_s=5) as client, pytest.raises(ServerUnavailableError) as caught:
         client.generate_image(**ROBIN)
     assert caught.value.url == url and url in str(caught.value)
 

@@ -1,0 +1,349 @@
+"""What the sync and asyncio clients share: options, calls, results, retry decisions, error mapping.
+
+Transport-free on purpose: `BirdClient` and `AsyncBirdClient` differ only in how they wait (a blocking
+gRPC call vs. an awaited one), never in what a request, a retry or an error means.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from io import BytesIO
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
+from tritonclient.utils import InferenceServerException
+
+from birdgen.client.cache import CacheEntry, ResponseCache
+from birdgen.client.errors import (
+    BirdgenError,
+    DeadlineExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ServerUnavailableError,
+)
+from birdgen.ensemble.routing import MOTION_UNET, family_of
+from birdgen.ensemble.routing import family_model as family_model_name
+from birdgen.schema import (
+    AnimationRequest,
+    ImageRequest,
+    RequestError,
+    parse_animation_request,
+    parse_image_request,
+)
+
+IMAGE_MODEL = "bird_image"
+ANIMATION_MODEL = "bird_animation"
+ANIMATION_STREAM_MODEL = "bird_animation_stream"
+IMAGE_OUTPUTS = ("image", "metadata")
+ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
+PROGRESS = "progress"
+# gRPC codes that say "not now" rather than "not this": the same request may succeed on a retry.
+RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+# How long a looked-up entry-model version keys the cache before it is asked for again, so a roll-out
+# made by another process reaches this client's cache keys within this many seconds.
+MODEL_VERSION_TTL_S = 10.0
+RequestT = TypeVar("RequestT", ImageRequest, AnimationRequest)
+OnProgress = Callable[[dict[str, Any]], None]  # takes each streamed {"stage", "done", "total"}
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """An encoded image with its generation metadata (also embedded in the file)."""
+
+    data: bytes
+    format: str
+    metadata: dict[str, Any]
+
+    @cached_property
+    def image(self) -> Image.Image:
+        image = Image.open(BytesIO(self.data))
+        image.load()
+        return image
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.data)
+        return path
+
+
+@dataclass(frozen=True)
+class GeneratedAnimation:
+    """An animation as animated WebP and/or GIF, a PNG poster frame, and the generation metadata."""
+
+    files: dict[str, bytes]  # "webp", "gif" (those asked for) and "poster"
+    metadata: dict[str, Any]
+
+    def save(
+        self, path: str | Path, *, gif: str | Path | None = None, poster: str | Path | None = None
+    ) -> list[Path]:
+        """Write the WebP (or the GIF, when only that was made) to `path`, and the others if asked."""
+        main = "webp" if "webp" in self.files else "gif"
+        targets = [(main, path)] + [
+            (name, p) for name, p in (("gif", gif), ("poster", poster)) if p is not None
+        ]
+        written = []
+        for name, target in targets:
+            if name not in self.files:
+                raise ValueError(f"no {name} in this animation (format was {self.metadata.get('format')!r})")
+            target = Path(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.files[name])
+            written.append(target)
+        return written
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter (AWS's "full jitter"): retry n waits uniform(0, cap_n),
+    cap_n = min(max_s, base_s * 2**n), so clients that failed together do not retry together."""
+
+    max_attempts: int = 4
+    base_s: float = 0.1
+    max_s: float = 2.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"invalid 'max_attempts': got {self.max_attempts}; allowed: an integer >= 1")
+        if not 0 <= self.base_s <= self.max_s:
+            raise ValueError(
+                f"invalid 'base_s': got {self.base_s}; allowed: 0 <= base_s <= max_s ({self.max_s})"
+            )
+
+    def backoff(self, retry: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+        """Seconds to wait before retry number `retry` (0 for the first)."""
+        cap = min(self.max_s, self.base_s * 2**retry)
+        return uniform(0.0, cap) if self.jitter else cap
+
+
+def status_name(exc: InferenceServerException) -> str:
+    """The gRPC code of a tritonclient error, e.g. "UNAVAILABLE" (tritonclient says
+    "StatusCode.UNAVAILABLE"); empty when the error carries none (in-stream model errors)."""
+    return str(exc.status() or "").rsplit(".", 1)[-1]
+
+
+def map_error(exc: InferenceServerException, url: str, deadline_s: float) -> BirdgenError:
+    """A typed error for a failed call: callers branch on the class, not the message."""
+    status = status_name(exc)
+    message = exc.message() or str(exc)
+    if status == "INVALID_ARGUMENT":
+        return InvalidRequestError(message)
+    if status in RETRYABLE:
+        return ServerUnavailableError(url, f"{message} ({status})")
+    if status == "DEADLINE_EXCEEDED":
+        return DeadlineExceededError(f"no answer from {url} within {deadline_s:g}s")
+    if not status and message.startswith(("invalid '", "missing '")):
+        # A gRPC stream carries a model's error message but not its code; birdgen's request errors
+        # are recognised by the form schema.RequestError gives every message.
+        return InvalidRequestError(message)
+    return GenerationError(f"{status or 'error'}: {message}")
+
+
+class Attempts:
+    """One call's deadline and retry budget, shared by everything the call does (cache wait, retries)."""
+
+    def __init__(self, policy: RetryPolicy, deadline_s: float, url: str) -> None:
+        self.policy = policy
+        self.deadline_s = deadline_s
+        self.url = url
+        self._deadline = time.monotonic() + deadline_s
+        self._failures = 0
+
+    def remaining(self) -> float:
+        return self._deadline - time.monotonic()
+
+    def timeout(self) -> float:
+        """The time the next attempt may take; DeadlineExceededError when none is left."""
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise DeadlineExceededError(f"no answer from {self.url} within {self.deadline_s:g}s")
+        return remaining
+
+    def pause_after(self, exc: InferenceServerException) -> float:
+        """Seconds to wait before retrying after `exc`; raises its typed error when the code is not
+        retryable, the attempts are used up, or the wait would end past the deadline."""
+        self._failures += 1
+        if status_name(exc) not in RETRYABLE or self._failures >= self.policy.max_attempts:
+            raise map_error(exc, self.url, self.deadline_s) from None
+        pause = self.policy.backoff(self._failures - 1)
+        if pause >= self.remaining():
+            raise map_error(exc, self.url, self.deadline_s) from None
+        return pause
+
+
+@dataclass(frozen=True)
+class Call:
+    """One inference: the entry model, the validated request, and the outputs wanted."""
+
+    model: str
+    request: ImageRequest | AnimationRequest
+    outputs: tuple[str, ...]
+
+    @property
+    def cache_model(self) -> str:
+        """The entry model whose version keys this call's cached result: the streaming twin makes
+        the same files as bird_animation, so both share its entries."""
+        return ANIMATION_MODEL if self.model == ANIMATION_STREAM_MODEL else self.model
+
+    def inputs(self) -> list[InferInput]:
+        tensor = InferInput("request", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([self.request.canonical_json().encode()], dtype=np.object_))
+        return [tensor]
+
+    def requested(self) -> list[InferRequestedOutput]:
+        """The outputs, and the streaming model's progress messages."""
+        streamed = (PROGRESS,) if self.model == ANIMATION_STREAM_MODEL else ()
+        return [InferRequestedOutput(name) for name in (*self.outputs, *streamed)]
+
+    def answer(
+        self,
+        result: InferResult | None,
+        error: Exception | None,
+        on_progress: OnProgress,
+    ) -> CacheEntry | None:
+        """One streamed response: the entry from the final one; None after handing a progress
+        message ({"stage", "done", "total"}) to `on_progress`."""
+        if error is not None:
+            raise error
+        assert result is not None
+        progress = result.as_numpy(PROGRESS)
+        if progress is not None:
+            on_progress(json.loads(progress.reshape(-1)[0]))
+            return None
+        return self.entry(result)
+
+    def entry(self, result: InferResult) -> CacheEntry:
+        """The outputs as files (empty ones, formats not asked for, dropped) and the metadata."""
+        outputs = {name: result.as_numpy(name).reshape(-1)[0] for name in self.outputs}
+        metadata = json.loads(outputs.pop("metadata"))
+        return CacheEntry({name: data for name, data in outputs.items() if data}, metadata)
+
+
+def image_call(request: ImageRequest | Mapping[str, Any] | None, fields: Mapping[str, Any]) -> Call:
+    """Validated with the server's own schema before anything is sent."""
+    return Call(IMAGE_MODEL, _parse(parse_image_request, request, fields), IMAGE_OUTPUTS)
+
+
+def animation_call(
+    request: AnimationRequest | Mapping[str, Any] | None, fields: Mapping[str, Any], *, stream: bool
+) -> Call:
+    model = ANIMATION_STREAM_MODEL if stream else ANIMATION_MODEL
+    return Call(model, _parse(parse_animation_request, request, fields), ANIMATION_OUTPUTS)
+
+
+def _parse(parse: Callable[[Any], RequestT], request: Any, fields: Mapping[str, Any]) -> RequestT:
+    try:
+        return parse(request if request is not None else fields)
+    except RequestError as exc:
+        raise InvalidRequestError(str(exc)) from None
+
+
+def models_of(index: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A repository index as rows of name, version, state (READY, UNAVAILABLE, ...) and reason."""
+    return [
+        {k: str(m.get(k, "")) for k in ("name", "version", "state", "reason")}
+        for m in index.get("models", [])
+    ]
+
+
+def roll_out_order(family_model: str, present: set[str]) -> list[str]:
+    """What a family roll-out loads, in order: the family's UNets (`unet_<family>`, and
+    `motion_unet_<family>` when exported), then every entry model, whose new versions start fresh
+    response caches. Only models in the repository (`present`) are named."""
+    family = family_of(family_model)
+    if family is None:
+        raise InvalidRequestError(
+            f"'{family_model}' is not a family UNet (unet_<family> or motion_unet_<family>)"
+        )
+    unets = (family_model_name(family), family_model_name(family, MOTION_UNET))
+    return [m for m in (*unets, IMAGE_MODEL, ANIMATION_MODEL, ANIMATION_STREAM_MODEL) if m in present]
+
+
+def as_image(entry: CacheEntry) -> GeneratedImage:
+    return GeneratedImage(entry.files["image"], entry.metadata["format"], entry.metadata)
+
+
+def as_animation(entry: CacheEntry) -> GeneratedAnimation:
+    return GeneratedAnimation(dict(entry.files), entry.metadata)
+
+
+class ModelVersions:
+    """Entry-model versions as cache-key parts ("bird_image/2"), each remembered for a few seconds.
+
+    Why the Triton version of the entry model: the key must be known before generating (cache-aside),
+    and the exporter gives the entry a new version on every family roll-out precisely so that Triton's
+    own response cache starts fresh; the Redis cache follows the same rule.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[float, str]] = {}
+
+    def get(self, model: str) -> str | None:
+        known = self._known.get(model)
+        return known[1] if known is not None and time.monotonic() < known[0] else None
+
+    def put(self, model: str, metadata: Mapping[str, Any]) -> str:
+        """Remember the newest version in `model`'s metadata (during a roll-out two may be ready)."""
+        versions = [int(v) for v in metadata.get("versions", [])]
+        if not versions:
+            raise GenerationError(f"{model} has no ready version")
+        version = f"{model}/{max(versions)}"
+        self._known[model] = (time.monotonic() + MODEL_VERSION_TTL_S, version)
+        return version
+
+    def forget(self) -> None:
+        """After a load or roll-out through this client, the next call asks again."""
+        self._known.clear()
+
+
+class ClientBase:
+    """Options and helpers both clients share; the subclasses add the transport.
+
+    `deadline_s` bounds each call end to end (cache wait, every attempt and every backoff) and can be
+    overridden per call; `retry` says how UNAVAILABLE and RESOURCE_EXHAUSTED are retried. `headers`
+    are extra gRPC metadata sent with every call (e.g. authorization). `ssl` with
+    `root_certificates`, `private_key`, `certificate_chain` (PEM file paths) are tritonclient's TLS
+    options. `cache` answers repeated requests from Redis (see cache.py).
+    """
+
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        *,
+        deadline_s: float = 120.0,
+        retry: RetryPolicy | None = None,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        headers: Mapping[str, str] | None = None,
+        cache: ResponseCache | None = None,
+    ) -> None:
+        self.url = url
+        self.deadline_s = deadline_s
+        self.retry = retry or RetryPolicy()
+        self.headers = dict(headers or {})
+        self.cache = cache
+        self._tls = {
+            "ssl": ssl,
+            "root_certificates": root_certificates,
+            "private_key": private_key,
+            "certificate_chain": certificate_chain,
+        }
+        self._versions = ModelVersions()
+
+    def _connection(self) -> dict[str, Any]:
+        """Keyword arguments for tritonclient's (sync or aio) InferenceServerClient."""
+        return {"url": self.url, **self._tls}
+
+    def _attempts(self, deadline_s: float | None) -> Attempts:
+        return Attempts(self.retry, self.deadline_s if deadline_s is None else deadline_s, self.url)

@@ -1,0 +1,76 @@
+"""A real redis-server per test on a free localhost port (Debian's package; `make setup` installs it).
+
+Per test, not per session: tests kill, pause and flush it, and a fresh one starts in milliseconds.
+Import the fixture into a test module: `from tests.redis_fixture import redis_server  # noqa: F401`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from birdgen.server import free_port
+
+
+@dataclass
+class RedisServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        """SIGKILL, as an outage would: no goodbye to connected clients."""
+        self.process.kill()
+        self.process.wait(timeout=5)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip(
+            "redis-server is not installed (`make setup` installs it: apt-get install -y redis-server)"
+        )
+    port = free_port()
+    log = tmp_path / "redis.log"
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command += ["--dir", str(tmp_path), "--logfile", str(log)]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_for_ping(url, process, log)
+        yield RedisServer(url, process)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a paused server would not act on SIGTERM
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+def _wait_for_ping(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode}: {log.read_text()}")
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.02)
+    finally:
+        client.close()

@@ -1,0 +1,435 @@
+"""The client library: retries, deadlines, validation, headers and TLS against a small fake gRPC
+server (fast and deterministic), then the asyncio client and the Redis cache against the real Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from prometheus_client import CollectorRegistry
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from birdgen.client import (
+    AsyncBirdClient,
+    BirdClient,
+    DeadlineExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ResponseCache,
+    RetryPolicy,
+    ServerUnavailableError,
+    cache_key,
+)
+from birdgen.schema import ImageRequest
+from birdgen.server import free_port
+from tests.conftest import CLIP, ROBIN
+from tests.redis_fixture import RedisServer, redis_server  # noqa: F401
+
+# tests.test_animation's clip, without importing torch with it.
+FAST = RetryPolicy(max_attempts=4, base_s=0.01, max_s=0.05)
+FILES = {"image": b"fake image", "webp": b"RIFF fake", "gif": b"", "poster": b"fake poster"}
+
+
+class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Fails its first calls with the given codes, then answers after `delay_s`; records each call's
+    gRPC metadata. Its metadata output echoes the request it got."""
+
+    def __init__(self, failures: tuple[grpc.StatusCode, ...] = (), delay_s: float = 0.0) -> None:
+        self.failures = list(failures)
+        self.delay_s = delay_s
+        self.calls: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+
+    def _answer(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self.calls.append(dict(context.invocation_metadata()))
+            failure = self.failures.pop(0) if self.failures else None
+        if failure is not None:
+            context.abort(failure, f"fake {failure.name}")
+        time.sleep(self.delay_s)
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._answer(context)
+        return self._outputs(request, [output.name for output in request.outputs])
+
+    def ModelStreamInfer(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """As bird_animation_stream: a progress message per step, then the clip."""
+        for request in requests:
+            self._answer(context)
+            for step in (1, 2):
+                progress = {"stage": "denoise", "done": step, "total": 2}
+                yield service_pb2.ModelStreamInferResponse(
+                    infer_response=self._outputs(request, [], progress)
+                )
+            names = [output.name for output in request.outputs if output.name != "progress"]
+            yield service_pb2.ModelStreamInferResponse(infer_response=self._outputs(request, names))
+
+    @staticmethod
+    def _outputs(request: Any, names: list[str], progress: dict | None = None) -> Any:
+        sent = json.loads(deserialize_bytes_tensor(request.raw_input_contents[0])[0])
+        files = {**FILES, "metadata": json.dumps({"format": sent["format"], "request": sent}).encode()}
+        if progress is not None:
+            names, files["progress"] = ["progress"], json.dumps(progress).encode()
+        response = service_pb2.ModelInferResponse(model_name=request.model_name)
+        for name in names:
+            response.outputs.add(name=name, datatype="BYTES", shape=[1])
+            tensor = serialize_byte_tensor(np.array([files[name]], dtype=np.object_))
+            response.raw_output_contents.append(tensor.item())
+        return response
+
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._answer(context)
+        return service_pb2.ModelMetadataResponse(name=request.name, versions=["3"])
+
+    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._answer(context)
+        model = service_pb2.RepositoryIndexResponse.ModelIndex(name="bird_image", version="3", state="READY")
+        return service_pb2.RepositoryIndexResponse(models=[model])
+
+    def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._answer(context)
+        return service_pb2.RepositoryModelLoadResponse()
+
+
+@contextmanager
+def serving(
+    fake: FakeTriton, credentials: grpc.ServerCredentials | None = None, port: int = 0
+) -> Iterator[str]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=8))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
+    address = f"127.0.0.1:{port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.fixture(params=["sync", "asyncio"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def generate(kind: str, url: str, method: str = "generate_image", *args: Any, **options: Any) -> Any:
+    """Call `method` on a fresh BirdClient or AsyncBirdClient; per-call keywords in `options["call"]`."""
+    call = options.pop("call", {})
+    if kind == "sync":
+        with BirdClient(url, **options) as client:
+            return getattr(client, method)(*args, **call)
+
+    async def main() -> Any:
+        async with AsyncBirdClient(url, **options) as client:
+            return await getattr(client, method)(*args, **call)
+
+    return asyncio.run(main())
+
+
+# -- retries -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_unavailable_and_resource_exhausted_are_retried(kind: str, code: grpc.StatusCode) -> None:
+    fake = FakeTriton(failures=(code, code))
+    with serving(fake) as url:
+        image = generate(kind, url, "generate_image", ImageRequest(**ROBIN), retry=FAST)
+    assert len(fake.calls) == 3
+    assert image.data == FILES["image"] and image.metadata["request"] == ImageRequest(**ROBIN).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidRequestError),
+        (grpc.StatusCode.INTERNAL, GenerationError),
+        (grpc.StatusCode.UNAUTHENTICATED, GenerationError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError),
+    ],
+)
+def test_other_codes_are_not_retried(kind: str, code: grpc.StatusCode, error: type[Exception]) -> None:
+    fake = FakeTriton(failures=(code,))
+    with serving(fake) as url, pytest.raises(error):
+        generate(kind, url, "generate_image", ROBIN, retry=FAST)
+    assert len(fake.calls) == 1
+
+
+def test_retries_stop_after_max_attempts(kind: str) -> None:
+    fake = FakeTriton(failures=(grpc.StatusCode.UNAVAILABLE,) * 10)
+    with serving(fake) as url, pytest.raises(ServerUnavailableError, match="UNAVAILABLE") as caught:
+        generate(kind, url, "generate_image", ROBIN, retry=RetryPolicy(3, 0.01, 0.05))
+    assert len(fake.calls) == 3 and caught.value.url == url
+
+
+def test_the_client_waits_the_backoff_between_attempts(kind: str) -> None:
+    fake = FakeTriton(failures=(grpc.StatusCode.UNAVAILABLE,) * 2)
+    start = time.monotonic()
+    with serving(fake) as url:
+        generate(kind, url, "generate_image", ROBIN, retry=RetryPolicy(3, 0.2, 1.0, jitter=False))
+    assert 0.2 + 0.4 <= time.monotonic() - start < 0.6 + 1.0
+
+
+def test_backoff_doubles_up_to_the_cap_and_full_jitter_stays_below_it() -> None:
+    policy = RetryPolicy(max_attempts=8, base_s=0.1, max_s=0.5, jitter=False)
+    assert [policy.backoff(n) for n in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    jittered = RetryPolicy(max_attempts=8, base_s=0.1, max_s=0.5)
+    assert jittered.backoff(2, uniform=lambda low, high: high) == pytest.approx(0.4)
+    waits = [jittered.backoff(3) for _ in range(200)]
+    assert all(0 <= w <= 0.5 for w in waits) and len(set(waits)) > 100
+
+
+@pytest.mark.parametrize(
+    ("fields", "wrong"),
+    [({"max_attempts": 0}, "max_attempts"), ({"base_s": 3.0}, "base_s"), ({"base_s": -1.0}, "base_s")],
+)
+def test_a_bad_retry_policy_names_the_field(fields: dict[str, Any], wrong: str) -> None:
+    with pytest.raises(ValueError, match=f"'{wrong}'"):
+        RetryPolicy(**fields)
+
+
+def test_retries_never_run_past_the_deadline(kind: str) -> None:
+    fake = FakeTriton(failures=(grpc.StatusCode.UNAVAILABLE,) * 1000)
+    start = time.monotonic()
+    with serving(fake) as url, pytest.raises(ServerUnavailableError):
+        policy = RetryPolicy(max_attempts=1000, base_s=0.05, max_s=0.2)
+        generate(kind, url, "generate_image", ROBIN, retry=policy, call={"deadline_s": 0.6})
+    assert time.monotonic() - start < 0.6 + 0.4
+    assert 2 <= len(fake.calls) < 100
+
+
+def test_a_server_that_comes_up_during_the_retries_is_reached(kind: str) -> None:
+    """A restarting server refuses connections (UNAVAILABLE) until it listens again."""
+    fake, port = FakeTriton(), free_port()
+    started, finished = threading.Event(), threading.Event()
+
+    def start_late() -> None:
+        time.sleep(0.5)
+        with serving(fake, port=port):
+            started.set()
+            finished.wait(timeout=10)
+
+    threading.Thread(target=start_late, daemon=True).start()
+    policy = RetryPolicy(max_attempts=50, base_s=0.05, max_s=0.5)
+    try:
+        image = generate(kind, f"127.0.0.1:{port}", "generate_image", ROBIN, retry=policy, deadline_s=6.0)
+    finally:
+        finished.set()
+    assert started.is_set() and image.data == FILES["image"] and len(fake.calls) == 1
+
+
+# -- deadlines ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["per call", "client default"])
+def test_the_deadline_is_honoured(kind: str, where: str) -> None:
+    options: dict[str, Any] = {"call": {"deadline_s": 0.3}} if where == "per call" else {"deadline_s": 0.3}
+    fake = FakeTriton(delay_s=3.0)
+    start = time.monotonic()
+    with serving(fake) as url, pytest.raises(DeadlineExceededError, match=r"0\.3s"):
+        generate(kind, url, "generate_image", ROBIN, retry=FAST, **options)
+    assert time.monotonic() - start < 0.3 + 0.5
+    assert len(fake.calls) == 1  # a deadline is not retried
+
+
+def test_a_stream_hands_over_progress_and_is_retried_before_it_starts(kind: str) -> None:
+    fake, messages = FakeTriton(failures=(grpc.StatusCode.UNAVAILABLE,)), []
+    with serving(fake) as url:
+        clip = generate(
+            kind, url, "generate_animation", CLIP, retry=FAST, call={"on_progress": messages.append}
+        )
+    assert len(fake.calls) == 2 and [m["done"] for m in messages] == [1, 2]
+    assert clip.files == {"webp": FILES["webp"], "poster": FILES["poster"]}
+
+
+def test_a_stream_honours_the_deadline(kind: str) -> None:
+    fake = FakeTriton(delay_s=3.0)
+    start = time.monotonic()
+    with serving(fake) as url, pytest.raises(DeadlineExceededError):
+        call = {"on_progress": lambda _: None, "deadline_s": 0.3}
+        generate(kind, url, "generate_animation", CLIP, retry=FAST, call=call)
+    assert time.monotonic() - start < 0.3 + 0.5 and len(fake.calls) == 1
+
+
+# -- validation, headers, model control, TLS ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "fields", "field"),
+    [
+        ("generate_image", {**ROBIN, "pose": "upside-down"}, "pose"),
+        ("generate_image", {**ROBIN, "colour": "red"}, "colour"),
+        ("generate_animation", {**CLIP, "fps": 99}, "fps"),
+    ],
+)
+def test_invalid_requests_fail_before_sending(kind: str, method: str, fields: dict, field: str) -> None:
+    fake = FakeTriton()
+    with serving(fake) as url, pytest.raises(InvalidRequestError, match=f"'{field}'"):
+        generate(kind, url, method, fields)
+    assert fake.calls == []
+
+
+def test_animation_files_come_back_without_the_formats_not_made(kind: str) -> None:
+    with serving(FakeTriton()) as url:
+        clip = generate(kind, url, "generate_animation", {**CLIP, "format": "webp"})
+    assert clip.files == {"webp": FILES["webp"], "poster": FILES["poster"]}
+    assert clip.metadata["request"]["behaviour"] == "flying"
+
+
+HEADERS = {"authorization": "Bearer t0ken", "x-tenant": "chirpneighbors"}
+
+
+def test_headers_go_with_every_call(kind: str) -> None:
+    fake = FakeTriton()
+    with serving(fake) as url:
+        generate(kind, url, "generate_image", ROBIN, headers=HEADERS)
+        assert generate(kind, url, "list_models", headers=HEADERS)[0]["state"] == "READY"
+        generate(kind, url, "load_model", "bird_image", headers=HEADERS)
+    assert len(fake.calls) == 3
+    assert all(call.items() >= HEADERS.items() for call in fake.calls)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key: the server's, the client's and the root."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_mutual_tls(kind: str, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    credentials = grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())], root_certificates=cert.read_bytes(), require_client_auth=True
+    )
+    no_retry = RetryPolicy(max_attempts=1)
+    with serving(FakeTriton(), credentials) as url:
+        tls = {"ssl": True, "root_certificates": cert, "retry": no_retry, "deadline_s": 5.0}
+        image = generate(kind, url, "generate_image", ROBIN, private_key=key, certificate_chain=cert, **tls)
+        assert image.data == FILES["image"]
+        with pytest.raises(ServerUnavailableError):  # no client certificate
+            generate(kind, url, "generate_image", ROBIN, **tls)
+        with pytest.raises(ServerUnavailableError):  # plaintext to a TLS port
+            generate(kind, url, "generate_image", ROBIN, retry=no_retry, deadline_s=5.0)
+
+
+# -- against the real Triton -------------------------------------------------------------------------
+def requests_served(url: str, model: str) -> int:
+    """How many requests `model` has answered, from Triton's statistics (a python model's error
+    response counts as a success there: the request was answered)."""
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+    return sum(int(stats.get(outcome, {}).get("count", 0)) for outcome in ("success", "fail"))
+
+
+@pytest.mark.triton
+def test_triton_invalid_argument_is_not_retried(server) -> None:
+    # Valid for the client's schema (120 frames), too long for this server's motion adapter (32).
+    too_long = {**CLIP, "duration_seconds": 5, "fps": 24}
+    before = requests_served(server.grpc_url, "bird_animation")
+    with (
+        BirdClient(server.grpc_url, retry=RetryPolicy(max_attempts=5, base_s=0.01)) as client,
+        pytest.raises(InvalidRequestError, match="at most 32 frames"),
+    ):
+        client.generate_animation(too_long)
+    assert requests_served(server.grpc_url, "bird_animation") == before + 1
+
+
+@pytest.mark.triton
+def test_async_client_serves_the_same_image_and_models_as_the_sync_one(server) -> None:
+    request = {**ROBIN, "seed": 2024}
+
+    async def main() -> tuple[Any, list[dict[str, str]]]:
+        async with AsyncBirdClient(server.grpc_url, headers=HEADERS) as client:
+            return await client.generate_image(request), await client.list_models()
+
+    served, models = asyncio.run(main())
+    with BirdClient(server.grpc_url) as client:
+        assert served == client.generate_image(request)
+        assert models == client.list_models()
+    assert served.image.size == (256, 256) and served.metadata["seed"] == 2024
+
+
+@pytest.mark.triton
+def test_async_animation_streams_progress_then_the_same_clip(server) -> None:
+    request = {**CLIP, "steps": 2, "format": "webp"}
+    messages: list[dict] = []
+
+    async def main() -> tuple[Any, Any]:
+        async with AsyncBirdClient(server.grpc_url) as client:
+            streamed = await client.generate_animation(request, on_progress=messages.append)
+            return streamed, await client.generate_animation(request)
+
+    streamed, plain = asyncio.run(main())
+    assert [(m["done"], m["total"]) for m in messages if m["stage"] == "denoise"] == [(1, 2), (2, 2)]
+    assert streamed.files == plain.files and set(plain.files) == {"webp", "poster"}
+    timings = ("timings_ms",)  # the only metadata that varies run to run
+    assert {k: v for k, v in streamed.metadata.items() if k not in timings} == {
+        k: v for k, v in plain.metadata.items() if k not in timings
+    }
+
+
+WHAT = ("misses", "hits", "errors")
+
+
+@pytest.mark.triton
+def test_a_repeat_comes_from_redis_and_a_redis_outage_does_not_fail_requests(
+    server,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    registry = CollectorRegistry()
+    cache = ResponseCache(redis_server.url, registry=registry)
+    request = {**ROBIN, "seed": 777}
+    with BirdClient(server.grpc_url, cache=cache) as client:
+        first = client.generate_image(request)
+        served = requests_served(server.grpc_url, "bird_image")
+        again = client.generate_image(request)
+        assert requests_served(server.grpc_url, "bird_image") == served  # Triton was not asked
+        assert again == first
+        assert cache._redis.exists(cache_key(ImageRequest(**request), "bird_image/1"))
+        redis_server.kill()
+        assert client.generate_image(request) == first
+    cache.close()
+    counts = [registry.get_sample_value(f"birdgen_cache_{w}_total", {"kind": "image"}) for w in WHAT]
+    assert counts == [1, 1, 1]
+
+
+@pytest.mark.triton
+def test_concurrent_identical_async_requests_generate_once(server, redis_server: RedisServer) -> None:  # noqa: F811
+    registry = CollectorRegistry()
+    cache = ResponseCache(redis_server.url, registry=registry)
+    request = {**ROBIN, "seed": 4242}
+
+    async def main() -> list[Any]:
+        async with AsyncBirdClient(server.grpc_url, cache=cache) as client:
+            results = await asyncio.gather(*(client.generate_image(request) for _ in range(4)))
+        await cache.aclose()
+        return results
+
+    before = requests_served(server.grpc_url, "bird_image")
+    results = asyncio.run(main())
+    cache.close()
+    assert all(r == results[0] for r in results)
+    assert requests_served(server.grpc_url, "bird_image") == before + 1
+    assert registry.get_sample_value("birdgen_cache_misses_total", {"kind": "image"}) == 1
+    assert registry.get_sample_value("birdgen_cache_hits_total", {"kind": "image"}) == 3
