@@ -344,12 +344,12 @@ def requests_served(url: str, model: str) -> int:
 
 @pytest.mark.triton
 def test_triton_invalid_argument_is_not_retried(server) -> None:
-    # Valid for the client's schema (120 frames), too long for this server's motion adapter (32).
+    # Valid for the client's schema (120 frames), too long for this deployment's cap (96, conftest).
     too_long = {**CLIP, "duration_seconds": 5, "fps": 24}
     before = requests_served(server.grpc_url, "bird_animation")
     with (
         BirdClient(server.grpc_url, retry=RetryPolicy(max_attempts=5, base_s=0.01)) as client,
-        pytest.raises(InvalidRequestError, match="at most 32 frames"),
+        pytest.raises(InvalidRequestError, match="at most 96 frames"),
     ):
         client.generate_animation(too_long)
     assert requests_served(server.grpc_url, "bird_animation") == before + 1
