@@ -16,6 +16,7 @@ from birdgen.schema import (
     DEFAULT_LIMITS,
     LIMITS,
     MISSING,
+    OUTPUT_CHOICES,
     ImageRequest,
     Limits,
     RequestError,
@@ -277,17 +278,26 @@ CHANGES = {
 }
 
 
-def test_every_field_change_changes_canonical_json_and_seed() -> None:
-    assert set(CHANGES) == set(FIELD_NAMES) - {"seed"}
-    base = ImageRequest(**ROBIN)
+def assert_every_field_counts(kind: type, fields: dict, changes: dict) -> None:
+    """Each change alters the canonical JSON (cache keys); each but an output choice (format, poster
+    frame) alters the derived seed, so only what is drawn picks the picture."""
+    assert set(changes) == set(kind.model_fields) - {"seed"}
+    base = kind(**fields)
     texts, seeds = {base.canonical_json()}, {base.resolved_seed()}
-    for field, value in CHANGES.items():
-        changed = ImageRequest(**{**ROBIN, field: value})
+    for field, value in changes.items():
+        changed = kind(**{**fields, field: value})
         texts.add(changed.canonical_json())
-        if field != "format":
+        if field in OUTPUT_CHOICES:
+            assert changed.resolved_seed() == base.resolved_seed(), field
+        else:
             seeds.add(changed.resolved_seed())
-    assert len(texts) == len(CHANGES) + 1
-    assert len(seeds) == len(CHANGES)  # every field but the output format picks the picture
+    assert len(texts) == len(changes) + 1
+    assert len(seeds) == 1 + sum(field not in OUTPUT_CHOICES for field in changes)
+
+
+def test_every_field_change_changes_canonical_json_and_seed() -> None:
+    assert_every_field_counts(ImageRequest, ROBIN, CHANGES)
+    base = ImageRequest(**ROBIN)
     assert ImageRequest(**ROBIN, format="png").resolved_seed() == base.resolved_seed()
     assert ImageRequest(**ROBIN, seed=1).canonical_json() != base.canonical_json()
 
