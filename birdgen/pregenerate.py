@@ -123,6 +123,7 @@ def read_catalogue(
     the first that many valid rows.
     """
     options = options or {}
+    kinds = list(dict.fromkeys(kinds))  # "image,image" is one kind
     unknown = [kind for kind in (*kinds, *options) if kind not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"invalid kinds: got {', '.join(unknown) or 'none'}; allowed: {', '.join(KINDS)}")
@@ -143,6 +144,9 @@ def read_catalogue(
             line = reader.line_num
             if limit is not None and len(seen) >= limit:
                 break
+            if None in row:  # csv puts values past the header's columns under None
+                errors.append(RowError(line, f"{len(row[None])} value(s) more than the header has columns"))
+                continue
             fields = {c: (row.get(c) or "").strip() for c in COLUMNS}
             try:
                 requests = [(kind, _request(kind, fields, options.get(kind, {}))) for kind in kinds]
@@ -189,6 +193,7 @@ class Outcome:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     model_version: str | None = None
+    cached: bool = False  # stored in the Redis cache by the client
 
     def record(self) -> dict[str, Any]:
         return {
@@ -204,6 +209,7 @@ class Outcome:
             "seconds": round(self.seconds, 3),
             "model_version": self.model_version,
             "request": self.item.request.to_dict(),
+            "cached": self.cached,
         }
 
 
@@ -229,13 +235,16 @@ class Manifest:
                 unreadable += bool(line.strip())
         return latest, unreadable
 
-    def is_done(self, record: Mapping[str, Any] | None) -> bool:
-        """Done, and every file it wrote still there with its recorded content."""
-        if record is None or record.get("status") != "done":
+    def is_done(self, record: Mapping[str, Any] | None, *, files: bool, cached: bool) -> bool:
+        """Done, into every destination this run wants (`files`, the cache), with every file it wrote
+        still there with its recorded content: a run with files after a cache-only one, or a cache
+        run after a files-only one, redoes those items."""
+        if record is None or record.get("status") != "done" or (cached and not record.get("cached")):
             return False
-        return all(
-            _sha256(self.out / entry["path"]) == entry["sha256"] for entry in record.get("files", {}).values()
-        )
+        written = record.get("files", {}).values()
+        if files and not written:
+            return False
+        return all(_sha256(self.out / entry["path"]) == entry["sha256"] for entry in written)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """One line, on disk before returning: a kill after this never loses the item."""
@@ -314,13 +323,15 @@ async def pregenerate(
     concurrency: int = 4,
     retry: RetryPolicy | None = None,
     write_files: bool = True,
+    to_cache: bool = False,
     console: Console | None = None,
 ) -> Summary:
     """Generate every item of `plan` not already done in `out`'s manifest; see the module docstring.
 
     `retry.max_attempts` bounds the attempts per item; a retryable failure (RETRYABLE) waits
     `retry.backoff(n)` before attempt n + 2, an InvalidRequestError fails the item at once. Any other
-    exception (a bug, a full disk) stops the run: the manifest keeps what finished.
+    exception (a bug, a full disk) stops the run: the manifest keeps what finished. `to_cache` says
+    the client stores results in the Redis cache (recorded, so resuming knows which items went there).
     """
     if concurrency < 1:
         raise ValueError(f"invalid 'concurrency': got {concurrency}; allowed: an integer >= 1")
@@ -331,7 +342,11 @@ async def pregenerate(
     records, unreadable = manifest.read()
     if unreadable:
         console.print(f"[yellow]{manifest.path}: {unreadable} unreadable line(s) ignored[/]")
-    todo = [item for item in plan.items if not manifest.is_done(records.get(item.id))]
+    todo = [
+        item
+        for item in plan.items
+        if not manifest.is_done(records.get(item.id), files=write_files, cached=to_cache)
+    ]
     summary = Summary(skipped=len(plan.items) - len(todo), row_errors=list(plan.row_errors))
     for error in plan.row_errors:
         console.print(f"catalogue {error}: row skipped", style="yellow", markup=False)
@@ -351,8 +366,9 @@ async def pregenerate(
     async def worker() -> None:
         for item in queue:  # one shared iterator: each item goes to exactly one worker
             outcome, result = await _attempt(item, client, retry)
-            if result is not None and write_files:
-                outcome.files = _write(out, item, result)
+            if result is not None:
+                outcome.files = _write(out, item, result) if write_files else {}
+                outcome.cached = to_cache
             manifest.append(outcome.record())
             if outcome.status == "done":
                 summary.done += 1
@@ -468,7 +484,13 @@ def pregenerate_catalogue(
         try:
             async with AsyncBirdClient(url, deadline_s=deadline_s, cache=cache) as client:
                 return await pregenerate(
-                    plan, client, out, concurrency=concurrency, retry=retry, write_files=write_files
+                    plan,
+                    client,
+                    out,
+                    concurrency=concurrency,
+                    retry=retry,
+                    write_files=write_files,
+                    to_cache=cache is not None,
                 )
         finally:
             if cache is not None:

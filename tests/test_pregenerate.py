@@ -111,10 +111,11 @@ def manifest(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines() if line != TORN]
 
 
-def run(plan: Plan, client: FakeClient, out: Path, concurrency: int = 3) -> tuple[Summary, str]:
+def run(plan: Plan, client: FakeClient, out: Path, **options: Any) -> tuple[Summary, str]:
+    """`pregenerate` with 3 workers and no backoff; the summary and what it printed."""
     console = Console(file=StringIO(), width=200)
     summary = asyncio.run(
-        pregenerate(plan, client, out, concurrency=concurrency, retry=NO_WAIT, console=console)
+        pregenerate(plan, client, out, concurrency=3, retry=NO_WAIT, console=console, **options)
     )
     return summary, console.file.getvalue()  # type: ignore[attr-defined]
 
@@ -154,6 +155,17 @@ def test_an_interrupted_run_resumes_and_every_item_is_generated_and_recorded_onc
     summary, _ = run(plan, third, out)
     assert (summary.done, summary.skipped) == (1, 9)
     assert third.generated == Counter({("animation", "blujay"): 1})
+
+
+def test_resuming_redoes_items_missing_from_a_destination_this_run_wants(tmp_path: Path) -> None:
+    plan = read_catalogue(catalogue(tmp_path, ["amerob"]), kinds=["image"])
+    generated = []
+    for write_files, to_cache in ((False, True), (True, False), (True, True), (True, True), (False, True)):
+        client = FakeClient()
+        run(plan, client, tmp_path / "out", write_files=write_files, to_cache=to_cache)
+        generated.append(client.generated.total())
+    # cache only; files (none yet); both (not cached yet); then both were done.
+    assert generated == [1, 1, 1, 0, 0]
 
 
 @pytest.mark.triton
@@ -241,7 +253,8 @@ def test_bad_catalogue_rows_are_reported_with_their_line_and_skipped(tmp_path: P
         ",,Turdus merula,\n"  # line 4: no species
         "amerob,American Robin again,Turdus migratorius,\n"  # line 5: the id repeats line 2
         ",Blue Jay,Cyanocitta cristata,\n"  # line 6: no id to name the files
-        "mallar3,Mallard,Anas platyrhynchos,\n"  # line 7: fine, family looked up by the server
+        "blujay,Blue Jay,Cyanocitta cristata,Passeriformes,extra\n"  # line 7: a value too many
+        "mallar3,Mallard,Anas platyrhynchos,\n"  # line 8: fine, family looked up by the server
     )
     plan = read_catalogue(catalogue(tmp_path, ["amerob"], bad))
     assert [(e.line, e.message.split(";")[0]) for e in plan.row_errors] == [
@@ -249,6 +262,7 @@ def test_bad_catalogue_rows_are_reported_with_their_line_and_skipped(tmp_path: P
         (4, "missing 'species'"),
         (5, "species_id 'amerob' repeats line 2"),
         (6, "missing 'species_id'"),
+        (7, "1 value(s) more than the header has columns"),
     ]
     assert [(item.kind, item.species_id) for item in plan.items] == [
         ("image", "amerob"),
