@@ -200,7 +200,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _pregenerate(args: argparse.Namespace) -> int:
     """Exit 0 when every item is done, 1 when some failed or catalogue rows were skipped."""
-    from birdgen.client import RetryPolicy
     from birdgen.pregenerate import parse_option, pregenerate_catalogue
 
     summary = pregenerate_catalogue(
@@ -211,7 +210,7 @@ def _pregenerate(args: argparse.Namespace) -> int:
         options={kind: dict(map(parse_option, getattr(args, kind))) for kind in ("image", "animation")},
         limit=args.limit,
         concurrency=args.concurrency,
-        retry=RetryPolicy(max_attempts=args.retries + 1, base_s=1.0, max_s=30.0),
+        retries=args.retries,
         deadline_s=args.timeout,
         redis_url=args.redis_url if args.to_cache else None,
         write_files=not args.no_files,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -60,6 +61,9 @@ COLUMNS = ("species_id", "species", "scientific_name", "family")
 REQUIRED_COLUMNS = ("species_id", "species", "scientific_name")
 # "Not now" failures: the same request may succeed later. An InvalidRequestError never will.
 RETRYABLE = (ServerUnavailableError, DeadlineExceededError, GenerationError)
+# Between attempts at one item: long enough to ride out a server restart, unlike the client's own
+# sub-second retries inside one call.
+RETRY = RetryPolicy(max_attempts=4, base_s=1.0, max_s=30.0)
 _PARSE = {"image": parse_image_request, "animation": parse_animation_request}
 # File name suffix of each output file: <species_id><suffix>.
 _SUFFIXES = {"png": ".png", "webp": ".webp", "jpeg": ".jpg", "gif": ".gif", "poster": ".poster.png"}
@@ -335,13 +339,14 @@ async def pregenerate(
     """
     if concurrency < 1:
         raise ValueError(f"invalid 'concurrency': got {concurrency}; allowed: an integer >= 1")
-    retry = retry or RetryPolicy(max_attempts=4, base_s=1.0, max_s=30.0)
+    retry = retry or RETRY
     console = console or Console(stderr=True)
     manifest = Manifest(out)
     start = time.monotonic()
     records, unreadable = manifest.read()
     if unreadable:
-        console.print(f"[yellow]{manifest.path}: {unreadable} unreadable line(s) ignored[/]")
+        note = f"{manifest.path}: {unreadable} unreadable line(s) ignored"
+        console.print(note, style="yellow", markup=False)
     todo = [
         item
         for item in plan.items
@@ -461,20 +466,22 @@ def pregenerate_catalogue(
     out: Path,
     *,
     url: str,
-    kinds: Sequence[str] = KINDS,
-    options: Mapping[str, Mapping[str, Any]] | None = None,
-    limit: int | None = None,
-    concurrency: int = 4,
-    retry: RetryPolicy | None = None,
-    deadline_s: float = 300.0,
-    redis_url: str | None = None,
-    write_files: bool = True,
+    kinds: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    limit: int | None,
+    concurrency: int,
+    retries: int,
+    deadline_s: float,
+    redis_url: str | None,
+    write_files: bool,
 ) -> Summary:
-    """`birdgen pregenerate`: read the catalogue, then generate through an AsyncBirdClient at `url`;
-    with `redis_url`, through a ResponseCache as well, so results land under the client's own keys.
-    `catalogue` None is the bundled sample."""
+    """`birdgen pregenerate` (its flags hold the defaults): read the catalogue (None: the bundled
+    sample), then generate through an AsyncBirdClient at `url`; with `redis_url`, through a
+    ResponseCache as well, so results land under the keys every later client computes."""
     from birdgen.client import AsyncBirdClient, ResponseCache
 
+    if retries < 0:
+        raise ValueError(f"invalid 'retries': got {retries}; allowed: an integer >= 0")
     if not write_files and redis_url is None:
         raise ValueError("nothing would be kept: without files, pre-generate into the cache (--to-cache)")
     plan = read_catalogue(catalogue or SAMPLE_CATALOGUE, kinds, options, limit)
@@ -488,7 +495,7 @@ def pregenerate_catalogue(
                     client,
                     out,
                     concurrency=concurrency,
-                    retry=retry,
+                    retry=dataclasses.replace(RETRY, max_attempts=retries + 1),
                     write_files=write_files,
                     to_cache=cache is not None,
                 )

@@ -312,7 +312,12 @@ def test_a_real_run_writes_labelled_files_and_warms_the_cache_the_client_reads(
         url=server.grpc_url,
         kinds=["image"],
         options={"image": SMALL},
+        limit=None,
+        concurrency=2,
+        retries=0,
+        deadline_s=60,
         redis_url=redis_server.url,
+        write_files=True,
     )
     assert (summary.done, summary.failed, summary.exit_code) == (2, [], 0)
     for species_id, name in (("amerob", "American Robin"), ("eurrob1", "European Robin")):
