@@ -346,7 +346,7 @@ async def pregenerate(
     records, unreadable = manifest.read()
     if unreadable:
         note = f"{manifest.path}: {unreadable} unreadable line(s) ignored"
-        console.print(note, style="yellow", markup=False)
+        console.print(note, style="yellow", markup=False, soft_wrap=True)
     todo = [
         item
         for item in plan.items
@@ -354,7 +354,7 @@ async def pregenerate(
     ]
     summary = Summary(skipped=len(plan.items) - len(todo), row_errors=list(plan.row_errors))
     for error in plan.row_errors:
-        console.print(f"catalogue {error}: row skipped", style="yellow", markup=False)
+        console.print(f"catalogue {error}: row skipped", style="yellow", markup=False, soft_wrap=True)
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -432,21 +432,19 @@ def _write(
 
 
 def print_summary(summary: Summary, console: Console) -> None:
-    console.print(
+    """One line per fact, never wrapped, so a log of the run can be grepped."""
+    lines = [
         f"pre-generation: {summary.done} done, {summary.skipped} skipped (already done), "
         f"{len(summary.failed)} failed, {len(summary.row_errors)} catalogue row(s) skipped; "
-        f"{summary.seconds:.1f} s, {summary.rate:.2f} items/s"
-    )
-    for outcome in summary.failed:
-        item = outcome.item
-        console.print(
-            f"  failed {item.kind} {item.species_id} after {outcome.attempts} attempt(s): "
-            f"{outcome.reasons[-1]}",
-            markup=False,
-            highlight=False,
-        )
-    for error in summary.row_errors:
-        console.print(f"  catalogue {error}", markup=False, highlight=False)
+        f"{summary.seconds:.1f} s, {summary.rate:.2f} done/s"
+    ]
+    lines += [
+        f"  failed {o.item.kind} {o.item.species_id} after {o.attempts} attempt(s): {o.reasons[-1]}"
+        for o in summary.failed
+    ]
+    lines += [f"  catalogue {error}" for error in summary.row_errors]
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
