@@ -310,8 +310,8 @@ def test_a_real_run_writes_labelled_files_and_warms_the_cache_the_client_reads(
         catalogue(tmp_path, ["amerob", "eurrob1"]),
         out,
         url=server.grpc_url,
-        kinds=["image"],
-        options={"image": SMALL},
+        kinds=["image", "animation"],
+        options={"image": SMALL, "animation": SMALL},
         limit=None,
         concurrency=2,
         retries=0,
@@ -319,10 +319,15 @@ def test_a_real_run_writes_labelled_files_and_warms_the_cache_the_client_reads(
         redis_url=redis_server.url,
         write_files=True,
     )
-    assert (summary.done, summary.failed, summary.exit_code) == (2, [], 0)
+    assert (summary.done, summary.failed, summary.exit_code) == (4, [], 0)
     for species_id, name in (("amerob", "American Robin"), ("eurrob1", "European Robin")):
-        metadata = read_metadata((out / "image" / f"{species_id}.png").read_bytes())
-        assert metadata["ai_generated"] is True and metadata["species"] == name
+        for path in (
+            f"image/{species_id}.png",
+            *(f"animation/{species_id}{s}" for s in (".webp", ".gif", ".poster.png")),
+        ):
+            metadata = read_metadata((out / path).read_bytes())
+            assert metadata["ai_generated"] is True and metadata["species"] == name, path
+    assert {r["cached"] for r in manifest(out)} == {True}
 
     registry = CollectorRegistry()
     cache = ResponseCache(redis_server.url, registry=registry)
