@@ -7,8 +7,9 @@ writes each result atomically (temp file + rename) under `<out>/<kind>/`, and/or
 Redis cache through the client, so the cache key is the one every later client computes.
 
 Every finished item appends one JSON line to `<out>/manifest.jsonl`, flushed and fsynced, so a run
-killed at any point loses at most the items in flight: a re-run skips items recorded `done` whose
-files are still there with the recorded sha256, and retries the rest. No torch here.
+killed at any point loses at most the items in flight: a re-run skips items recorded `done` (files
+still there with the recorded sha256, in the cache when it asks for the cache) and redoes the rest.
+No torch here.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ COLUMNS = ("species_id", "species", "scientific_name", "family")
 REQUIRED_COLUMNS = ("species_id", "species", "scientific_name")
 # "Not now" failures: the same request may succeed later. An InvalidRequestError never will.
 RETRYABLE = (ServerUnavailableError, DeadlineExceededError, GenerationError)
-# Between attempts at one item: long enough to ride out a server restart, unlike the client's own
-# sub-second retries inside one call.
+# Between attempts at one item: seconds apart (full jitter, doubling from 1 s), where the client's own
+# retries inside one call are sub-second; a server that is briefly overloaded gets time to drain.
 RETRY = RetryPolicy(max_attempts=4, base_s=1.0, max_s=30.0)
 _PARSE = {"image": parse_image_request, "animation": parse_animation_request}
 # File name suffix of each output file: <species_id><suffix>.
