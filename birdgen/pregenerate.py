@@ -137,7 +137,7 @@ def read_catalogue(
     items: list[WorkItem] = []
     errors: list[RowError] = []
     seen: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8") as file:
+    with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(file)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
