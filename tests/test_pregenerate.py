@@ -274,11 +274,13 @@ def test_bad_catalogue_rows_are_reported_with_their_line_and_skipped(tmp_path: P
     assert summary.done == 4 and summary.exit_code == 1  # the catalogue was not all usable
     assert "catalogue line 3: invalid 'family': got 'Notaformes'" in text
 
+    headless = tmp_path / "headless.csv"
+    headless.write_text("id,name\namerob,American Robin\n")
     with pytest.raises(ValueError, match="missing column"):
-        read_catalogue(
-            catalogue(tmp_path, []).with_name("species.csv").write_text("id,name\n")
-            and tmp_path / "species.csv"
-        )
+        read_catalogue(headless)
+    spreadsheet = tmp_path / "spreadsheet.csv"  # saved with a byte-order mark before the header
+    spreadsheet.write_text(HEADER + "amerob,American Robin,Turdus migratorius,\n", encoding="utf-8-sig")
+    assert len(read_catalogue(spreadsheet).items) == 2
     with pytest.raises(ValueError, match="invalid image option: invalid 'width': got 100"):
         read_catalogue(catalogue(tmp_path, ["amerob"]), options={"image": {"width": 100}})
 
