@@ -1,4 +1,4 @@
-"""The `birdgen` command: tiny-model, export, serve, generate, demo.
+"""The `birdgen` command: tiny-model, export, serve, generate, demo, pregenerate.
 
 Errors a user can fix (bad request, missing model part, server down) print one line and exit 2;
 no traceback. Heavy imports happen inside the subcommand that needs them, so `birdgen generate`
@@ -198,6 +198,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pregenerate(args: argparse.Namespace) -> int:
+    """Exit 0 when every item is done, 1 when some failed or catalogue rows were skipped."""
+    from birdgen.pregenerate import parse_option, pregenerate_catalogue
+
+    summary = pregenerate_catalogue(
+        args.catalog,
+        args.out,
+        url=args.url,
+        kinds=[kind.strip() for kind in args.kinds.split(",") if kind.strip()],
+        options={kind: dict(map(parse_option, getattr(args, kind))) for kind in ("image", "animation")},
+        limit=args.limit,
+        concurrency=args.concurrency,
+        retries=args.retries,
+        deadline_s=args.timeout,
+        redis_url=args.redis_url if args.to_cache else None,
+        write_files=not args.no_files,
+    )
+    return summary.exit_code
+
+
 def _train_lora(args: argparse.Namespace) -> int:
     """Flags map 1:1 onto TrainConfig fields; flags not given keep TrainConfig's defaults."""
     from dataclasses import fields
@@ -299,6 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs"))
     p.add_argument("--model-dir", type=Path, help="a diffusers SDXL folder (default: build the tiny one)")
     p.set_defaults(run=_demo)
+    p = commands.add_parser(
+        "pregenerate", help="generate a species catalogue ahead of time, resumably (docs/pregenerate.md)"
+    )
+    p.add_argument("--catalog", type=Path, help="species CSV (default: the bundled sample catalogue)")
+    p.add_argument("--kinds", default="image,animation", help="comma-separated: image, animation")
+    p.add_argument("--out", type=Path, default=Path("outputs/pregenerated"), help="files + manifest.jsonl")
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--retries", type=int, default=3, help="retries per item after a retryable failure")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline per request, seconds")
+    p.add_argument("--limit", type=int, help="only the first N valid catalogue rows")
+    for kind in ("image", "animation"):
+        p.add_argument(
+            "--" + kind, action="append", default=[], metavar="KEY=VALUE", help=f"{kind} request option"
+        )
+    p.add_argument("--to-cache", action="store_true", help="also store results in the Redis cache")
+    p.add_argument("--redis-url", default="redis://localhost:6379/0")
+    p.add_argument("--no-files", action="store_true", help="with --to-cache: the cache only, no files")
+    p.set_defaults(run=_pregenerate)
     p = commands.add_parser(
         "train-lora", help="train one family's LoRA on licensed photos (docs/training.md)"
     )
