@@ -9,10 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from birdgen.cli import DEMO_REQUEST
-
 Kind = Literal["image", "animation", "cached"]
-_BIRD = {k: DEMO_REQUEST[k] for k in ("species", "scientific_name", "species_id", "season", "lighting")}
+# The demo's robin (birdgen.cli.DEMO_REQUEST).
+_BIRD = {
+    "species": "American Robin",
+    "scientific_name": "Turdus migratorius",
+    "species_id": "amerob",
+    "season": "spring",
+    "lighting": "golden-hour",
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ SCENARIOS = {
         Scenario("cached", "cached", 512, 1),
     )
 }
-# The GPU set, and the CPU set sized for the `mini` preset on a few cores.
+# The GPU set and levels, and the CPU ones sized for the `mini` preset on a few cores.
 GPU_SCENARIOS = (
     "image-512-1step",
     "image-512-4step",
@@ -65,6 +70,9 @@ GPU_SCENARIOS = (
     "cached",
 )
 CPU_SCENARIOS = ("image-256-1step", "image-512-1step", "animation-16f-256-1step", "cached")
+GPU_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
+CPU_CONCURRENCY = (1, 2, 4, 8)
+BASELINE_MODES = ("eager", "compile")  # diffusers as a user runs it: as is, and under torch.compile
 
 
 def parse_scenarios(text: str) -> list[Scenario]:

@@ -302,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs"))
     p.add_argument("--model-dir", type=Path, help="a diffusers SDXL folder (default: build the tiny one)")
     p.set_defaults(run=_demo)
+    from birdgen.benchmarks import command as bench
+
+    p = commands.add_parser("bench", help="served birdgen vs diffusers and the compute floor (benchmarks/)")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
     p = commands.add_parser(
         "train-lora", help="train one family's LoRA on licensed photos (docs/training.md)"
     )
