@@ -321,8 +321,12 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
                 eager["sequential_rps"], color=colour, linestyle=":", label=f"{name} diffusers eager"
             )
     title = f"birdgen on {results['device']['name']} ({results['model'].get('preset') or 'model'})"
+    levels = sorted(
+        {p["concurrency"] for s in results["scenarios"].values() for p in s.get("points", {}).values()}
+    )
     for axes, ylabel in ((latency, "latency (ms, log)"), (rate, "throughput (requests/s, log)")):
         axes.set_xscale("log", base=2)
+        axes.set_xticks(levels, [str(c) for c in levels])
         axes.set_yscale("log")
         axes.set_xlabel("concurrency (closed-loop clients)")
         axes.set_ylabel(ylabel)
