@@ -49,7 +49,8 @@ Log = Callable[[str], None]
 
 @dataclass
 class BenchSettings:
-    """What one run measures (`birdgen bench --help` says what each option means)."""
+    """What one run measures. `birdgen bench --help` explains the options; baseline_warmup (untimed
+    diffusers calls, one more under torch.compile) and timeout_s (per request) have none."""
 
     scenarios: list[Scenario] | None = None  # None: the device's default set
     concurrency: list[int] | None = None  # None: the device's default levels
@@ -125,27 +126,29 @@ def load_previous(path: Path, model: dict[str, Any], device: str, log: Log) -> d
 
 @dataclass(frozen=True)
 class Target:
-    """The server measured: gRPC address, metrics URL (time split) and process group (RSS), if known."""
+    """The server measured: gRPC address, and where known its metrics URL (time split), process group
+    (RSS) and engine kind."""
 
     url: str
     metrics_url: str | None
     pgid: int | None
+    engine: str | None
 
 
 @contextlib.contextmanager
 def served(settings: BenchSettings, model_dir: Path, log: Log) -> Iterator[Target]:
     """--url's server as it is, or the model exported (skipped when up to date) and served here."""
     if settings.url is not None:
-        yield Target(settings.url, settings.metrics_url, None)
+        yield Target(settings.url, settings.metrics_url, None, None)
         return
     from birdgen.export.exporter import core_models, export_repository
     from birdgen.server import TritonServer
 
     repository = settings.repository or settings.work_dir / f"{model_dir.name}-repository"
-    export_repository(model_dir, repository, progress=lambda m: log(f"export: {m}"))
+    manifest = export_repository(model_dir, repository, progress=lambda m: log(f"export: {m}"))
     with TritonServer(repository, model_control="explicit", load_models=core_models(repository)) as server:
         log(f"tritonserver ready at {server.grpc_url}")
-        yield Target(server.grpc_url, server.metrics_url, server.pid)
+        yield Target(server.grpc_url, server.metrics_url, server.pid, manifest["engine"])
 
 
 @contextlib.contextmanager
@@ -296,6 +299,8 @@ class Bench:
     def __init__(self, settings: BenchSettings, log: Log = print) -> None:
         self.settings = settings
         self.log = log
+        self.results: dict[str, Any] = {}
+        self.out = RESULTS_ROOT
 
     def run(self) -> dict[str, Any]:
         s = self.settings
@@ -326,6 +331,7 @@ class Bench:
         self.floor(scenarios, model_dir)
         self.baselines(scenarios, model_dir, device["kind"])
         with served(s, model_dir, self.log) as target:
+            results["model"]["engine"] = target.engine or results["model"].get("engine")
             for scenario in scenarios:
                 self.sweep(target, scenario, levels)
         paths = write_report(results, self.out)
@@ -377,6 +383,7 @@ class Bench:
         if not todo:
             return
         seeds = fresh_seeds()
+        entry.pop("errors", None)
         with contextlib.ExitStack() as stack:
             cache = None
             if scenario.kind == "cached":
@@ -387,7 +394,11 @@ class Bench:
                     return
             else:
                 version = warm_up(target, scenario, self.settings, seeds)
-                self.results["model"]["model_version"] = version
+                if entry.get("model_version", version) != version:
+                    self.log(f"{scenario.name}: the server now serves {version}; earlier points dropped")
+                    points.clear()
+                    todo = levels
+                entry["model_version"] = self.results["model"]["model_version"] = version
             for concurrency in todo:
                 point_seeds = cache.seeds if cache else seeds
                 point = measure_point(target, scenario, concurrency, self.settings, point_seeds, cache)
