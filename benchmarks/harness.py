@@ -246,6 +246,7 @@ def measure_point(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
+    client_cpu = time.process_time()
     with monitor.ResourceMonitor(target.pgid) as resources, Progress(*columns, transient=True) as bar:
         task = bar.add_task("requests", total=total)
         samples, errors = asyncio.run(
@@ -265,6 +266,8 @@ def measure_point(
         raise RuntimeError(f"{scenario.name} at concurrency {concurrency}: every request failed: {errors}")
     point = stats.point_summary(samples, concurrency)
     point["resources"] = resources.summary()
+    # What the load generator itself took from the machine's cores (it shares them with the server).
+    point["resources"]["client_cpu_ms_per_request"] = (time.process_time() - client_cpu) * 1000 / len(samples)
     point["error_messages"] = errors
     if cache:
         point["cache_hits"] = cache.hits() - hits_before

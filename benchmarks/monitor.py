@@ -77,7 +77,7 @@ class ResourceMonitor:
     GPU figures are for the whole device, None where there is no nvidia-smi.
     """
 
-    def __init__(self, server_pgid: int | None, interval_s: float = 0.25) -> None:
+    def __init__(self, server_pgid: int | None, interval_s: float = 0.5) -> None:
         self.server_pgid = server_pgid
         self.interval_s = interval_s
         self.nvidia_smi = shutil.which("nvidia-smi")
