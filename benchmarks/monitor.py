@@ -5,6 +5,7 @@ time, requests per model) and the machine's resources (GPU utilisation and memor
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import threading
@@ -13,23 +14,28 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from birdgen.client.calls import ANIMATION_MODEL, ANIMATION_STREAM_MODEL, IMAGE_MODEL
 from birdgen.ensemble.triton_model import ENGINE_SECONDS
 from birdgen.server import live_group_members
 
 ENTRY_MODELS = (IMAGE_MODEL, ANIMATION_MODEL, ANIMATION_STREAM_MODEL)
 Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 def parse_metrics(text: str) -> Metrics:
-    """Prometheus text -> {(sample name, labels): value}."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    """Prometheus text -> {(sample name, labels): value}, names exactly as Triton writes them.
+
+    Why not prometheus_client's parser: it renames counter samples to `<name>_total`.
+    """
+    metrics: Metrics = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            name, labels, value = match.groups()
+            metrics[(name, frozenset(_LABEL.findall(labels or "")))] = float(value)
+    return metrics
 
 
 def scrape(url: str, timeout_s: float = 5.0) -> Metrics:

@@ -179,14 +179,15 @@ class ModelPresets(RootModel[dict[str, ModelPreset]]):
 
 def write_tiny_model(out: Path, seed: int = SEED, preset: str = "tiny") -> Path:
     """Write the `preset` SDXL-Turbo folder (random weights) to `out` and return it."""
-    import torch
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, MotionAdapter, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     presets = ModelPresets.load()
     if preset not in presets:
         raise ValueError(f"invalid 'preset': got {preset!r}; allowed: {', '.join(presets)}")
     config = presets[preset]
+
+    import torch
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_clip_bpe(PromptLibrary.load().corpus(), config.vocab_size)

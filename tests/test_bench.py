@@ -123,6 +123,8 @@ def test_scenarios_parse_by_name_and_name_the_allowed_ones() -> None:
 # -- Triton metrics ---------------------------------------------------------------------------------------
 
 METRICS_BEFORE = """
+# HELP nv_inference_request_success Number of successful inference requests, all batch sizes
+# TYPE nv_inference_request_success counter
 nv_inference_request_success{model="bird_image",version="1"} 10
 nv_inference_request_success{model="unet",version="1"} 10
 nv_inference_queue_duration_us{model="bird_image",version="1"} 5000
@@ -132,11 +134,14 @@ birdgen_stage_engine_seconds{model="unet",version="1",instance="unet_0_0"} 1.0
 birdgen_stage_engine_seconds{model="vae_decoder",version="1",instance="vae_decoder_0_0"} 0.5
 """
 METRICS_AFTER = """
+# HELP nv_inference_request_success Number of successful inference requests, all batch sizes
+# TYPE nv_inference_request_success counter
 nv_inference_request_success{model="bird_image",version="1"} 14
 nv_inference_request_success{model="unet",version="1"} 14
 nv_inference_queue_duration_us{model="bird_image",version="1"} 9000
 nv_inference_queue_duration_us{model="unet",version="1"} 28000
 nv_inference_queue_duration_us{model="vae_decoder",version="1"} 1400
+# TYPE birdgen_stage_engine_seconds counter
 birdgen_stage_engine_seconds{model="unet",version="1",instance="unet_0_0"} 1.2
 birdgen_stage_engine_seconds{model="vae_decoder",version="1",instance="vae_decoder_0_0"} 0.54
 """
