@@ -133,7 +133,9 @@ class DiffusersBaseline:
     def __init__(self, model_dir: Path, scenario: Scenario, mode: str, device: str) -> None:
         import torch
         from diffusers import AnimateDiffSDXLPipeline, MotionAdapter, StableDiffusionXLPipeline
+        from diffusers.utils import logging as diffusers_logging
 
+        diffusers_logging.disable_progress_bar()  # the loading bar; the pipeline's own is disabled below
         self.scenario, self.device = scenario, device
         dtype = torch.float16 if device == "cuda" else torch.float32
         if scenario.kind == "animation":

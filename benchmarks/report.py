@@ -270,7 +270,7 @@ def markdown(results: dict[str, Any]) -> str:
             "Triton overhead",
             "of which batcher delay",
             "BLS + stub transfers",
-            "gRPC + entry queue",
+            "client, gRPC, entry queue",
         ],
         rows,
     )
@@ -278,7 +278,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "served = compute + Triton overhead. Engines: time inside the stage engines "
         "(birdgen_stage_engine_seconds). Entry's own work: prompt, tokenizers, scheduler maths and "
-        "image encoding in bird_image (timings_ms total − stage_calls). Batcher delay: Triton's queue "
+        "encoding in the entry model (timings_ms total − stage_calls). Batcher delay: Triton's queue "
         "time in the stage models (max_queue_delay while waiting for batch-mates).",
     ]
     skipped = [
