@@ -16,15 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from birdgen.benchmarks.scenarios import Scenario
+from birdgen.prompts import PromptLibrary
+from birdgen.schema import parse_animation_request, parse_image_request
 from birdgen.tiny_model import MOTION_ADAPTER
-
-DEFAULT_PROMPT = "a photo of an American Robin perched on a branch, golden hour"
-
-
-def device_kind() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _sync(device: str) -> None:
@@ -153,6 +147,7 @@ class DiffusersBaseline:
         elif mode != "eager":
             raise ValueError(f"invalid 'baselines' mode: got {mode!r}; allowed: eager, compile")
         self.pipe = pipe
+        self.prompts = PromptLibrary.load()
 
     def __call__(self, seed: int) -> float:
         """One request's seconds, end to end (prompt to PIL images)."""
@@ -160,11 +155,14 @@ class DiffusersBaseline:
 
         s = self.scenario
         kwargs: dict[str, Any] = {"num_frames": s.frames} if s.kind == "animation" else {}
+        # birdgen's own prompt for the same request, so both encode the same text.
+        parse = parse_animation_request if s.kind == "animation" else parse_image_request
+        prompt = self.prompts.build(parse(s.request(seed))).text
         generator = torch.Generator("cpu").manual_seed(seed)
         _sync(self.device)
         start = time.perf_counter()
         self.pipe(
-            prompt=DEFAULT_PROMPT,
+            prompt=prompt,
             num_inference_steps=s.steps,
             guidance_scale=0.0,
             width=s.size,

@@ -42,10 +42,6 @@ class Scenario:
             }
         return {**fields, "pose": "perched", "format": "png"}
 
-    @property
-    def pixels_per_request(self) -> int:
-        return self.size * self.size * max(self.frames, 1)
-
 
 SCENARIOS = {
     s.name: s
