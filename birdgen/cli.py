@@ -41,8 +41,8 @@ DEMO_ANIMATION = {
 def _tiny_model(args: argparse.Namespace) -> int:
     from birdgen.tiny_model import write_tiny_model
 
-    out = write_tiny_model(args.out, seed=args.seed)
-    print(f"tiny SDXL-Turbo model written to {out}")
+    out = write_tiny_model(args.out, seed=args.seed, preset=args.preset)
+    print(f"random-weight SDXL-Turbo model ({args.preset} preset) written to {out}")
     return 0
 
 
@@ -248,9 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="birdgen", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("tiny-model", help="write a tiny random-weight SDXL-Turbo folder")
+    p = commands.add_parser("tiny-model", help="write a random-weight SDXL-Turbo folder (tiny, mini, full)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=20261125)
+    p.add_argument(
+        "--preset", default="tiny", help="tiny (tests), mini (CPU benchmarks), sdxl-full (real shapes)"
+    )
     p.set_defaults(run=_tiny_model)
 
     p = commands.add_parser("export", help="export a diffusers SDXL folder to a Triton model repository")
@@ -319,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs"))
     p.add_argument("--model-dir", type=Path, help="a diffusers SDXL folder (default: build the tiny one)")
     p.set_defaults(run=_demo)
+    from birdgen.benchmarks import command as bench
+
+    p = commands.add_parser("bench", help="served birdgen vs diffusers and the compute floor (benchmarks/)")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
     p = commands.add_parser(
         "pregenerate", help="generate a species catalogue ahead of time, resumably (docs/pregenerate.md)"
     )

@@ -1,9 +1,11 @@
-"""Tiny random-weight SDXL-Turbo: the real architectures at small widths, in the diffusers folder layout.
+"""Random-weight SDXL-Turbo folders: the real architectures, at the widths a preset names.
 
-No model hub is reachable here, so tests and the demo build this folder instead of downloading
-stabilityai/sdxl-turbo. It has every part the real one has (two CLIP tokenizers with a BPE vocab
-generated locally, CLIPTextModel, CLIPTextModelWithProjection, a `text_time` UNet, an 8x VAE and the
-Euler-ancestral scheduler config sdxl-turbo ships), so the real weights go through the same code.
+No model hub is reachable here, so tests, the demo and the benchmarks build this folder instead of
+downloading stabilityai/sdxl-turbo. It has every part the real one has (two CLIP tokenizers with a BPE
+vocab generated locally, CLIPTextModel, CLIPTextModelWithProjection, a `text_time` UNet, an 8x VAE,
+the Euler-ancestral scheduler config sdxl-turbo ships, and an AnimateDiff motion adapter), so the real
+weights go through the same code. Presets (data/model_presets.yaml): `tiny` for the tests, `mini`
+for CPU benchmarks, `sdxl-full` with sdxl-turbo's own configs, whose timings are the real model's.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from birdgen.prompts import PromptLibrary
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+
+from birdgen.prompts import DATA_DIR, PromptLibrary, load_data_file
 
 SEED = 20261125
 MOTION_ADAPTER = "motion_adapter"
-VOCAB_SIZE = 1000
 MAX_TOKENS = 77
+PRESETS_FILE = DATA_DIR / "model_presets.yaml"
 
 # The scheduler config of stabilityai/sdxl-turbo (scheduler/scheduler_config.json).
 TURBO_SCHEDULER = {
@@ -59,7 +64,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
-def build_clip_bpe(corpus: str, vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int], list[str]]:
+def build_clip_bpe(corpus: str, vocab_size: int) -> tuple[dict[str, int], list[str]]:
     """Learn a CLIP-format BPE (vocab.json, merges.txt) from `corpus`, deterministically.
 
     Layout as in openai/CLIP: 256 byte characters, the same with `</w>`, one entry per merge,
@@ -130,15 +135,62 @@ def _write_tokenizer(path: Path, vocab: dict[str, int], merges: list[str], pad_t
     )
 
 
-def write_tiny_model(out: Path, seed: int = SEED) -> Path:
-    """Write the tiny SDXL-Turbo folder to `out` and return it."""
+class ModelPreset(BaseModel):
+    """One preset: each part's constructor arguments, passed as they are to its class."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = Field(min_length=1)
+    vocab_size: int = Field(ge=512)  # at least the 2 x 256 byte tokens of a CLIP BPE
+    text_encoder: dict[str, Any]
+    text_encoder_2: dict[str, Any]
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    motion_adapter: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _parts_fit_together(self) -> ModelPreset:
+        """The checks diffusers would only fail at the first forward pass, with a shape error."""
+        hidden = self.text_encoder["hidden_size"] + self.text_encoder_2["hidden_size"]
+        if self.unet["cross_attention_dim"] != hidden:
+            raise ValueError(
+                f"unet.cross_attention_dim {self.unet['cross_attention_dim']} must be the text encoders' "
+                f"hidden sizes added ({hidden})"
+            )
+        added = 6 * self.unet["addition_time_embed_dim"] + self.text_encoder_2["projection_dim"]
+        if self.unet["projection_class_embeddings_input_dim"] != added:
+            raise ValueError(
+                f"unet.projection_class_embeddings_input_dim "
+                f"{self.unet['projection_class_embeddings_input_dim']} must be 6 x addition_time_embed_dim "
+                f"+ text_encoder_2.projection_dim ({added})"
+            )
+        if self.motion_adapter["block_out_channels"] != self.unet["block_out_channels"]:
+            raise ValueError("motion_adapter.block_out_channels must equal unet.block_out_channels")
+        return self
+
+
+class ModelPresets(RootModel[dict[str, ModelPreset]]):
+    """The validated model_presets.yaml: preset name -> ModelPreset."""
+
+    @classmethod
+    def load(cls, path: Path = PRESETS_FILE) -> dict[str, ModelPreset]:
+        return load_data_file(path, cls).root
+
+
+def write_tiny_model(out: Path, seed: int = SEED, preset: str = "tiny") -> Path:
+    """Write the `preset` SDXL-Turbo folder (random weights) to `out` and return it."""
+    presets = ModelPresets.load()
+    if preset not in presets:
+        raise ValueError(f"invalid 'preset': got {preset!r}; allowed: {', '.join(presets)}")
+    config = presets[preset]
+
     import torch
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_clip_bpe(PromptLibrary.load().corpus())
+    vocab, merges = build_clip_bpe(PromptLibrary.load().corpus(), config.vocab_size)
     # As in sdxl-turbo: tokenizer pads with <|endoftext|>, tokenizer_2 with "!".
     _write_tokenizer(out / "tokenizer", vocab, merges, pad_token="<|endoftext|>")
     _write_tokenizer(out / "tokenizer_2", vocab, merges, pad_token="!")
@@ -146,81 +198,23 @@ def write_tiny_model(out: Path, seed: int = SEED) -> Path:
     eos = vocab["<|endoftext|>"]
     bos = vocab["<|startoftext|>"]
     common = dict(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=config.vocab_size,
         max_position_embeddings=MAX_TOKENS,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=eos,
-        hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
-    # Different widths for the two encoders, so swapping them cannot go unnoticed.
-    text_config = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        projection_dim=32,
-        **common,
-    )
-    text_config_2 = CLIPTextConfig(
-        hidden_size=48,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        projection_dim=40,
-        hidden_act="gelu",
-        **{k: v for k, v in common.items() if k != "hidden_act"},
-    )
     torch.manual_seed(seed)
-    CLIPTextModel(text_config).eval().save_pretrained(out / "text_encoder")
-    CLIPTextModelWithProjection(text_config_2).eval().save_pretrained(out / "text_encoder_2")
-
-    addition_time_embed_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2),
-        attention_head_dim=(2, 4, 4),
-        cross_attention_dim=32 + 48,
-        norm_num_groups=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=addition_time_embed_dim,
-        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + 40,
-    )
-    unet.save_pretrained(out / "unet")
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=512,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
-    vae.save_pretrained(out / "vae")
-
-    # AnimateDiff's SDXL motion module is a separate download (not part of sdxl-turbo); the tiny one
-    # sits beside the parts, where `birdgen export` looks for it by default. Its widths follow the UNet's.
-    MotionAdapter(
-        block_out_channels=(32, 64, 64),
-        motion_layers_per_block=1,
-        motion_num_attention_heads=2,
-        motion_norm_num_groups=8,
-        motion_max_seq_length=32,
-        use_motion_mid_block=False,
-    ).save_pretrained(out / MOTION_ADAPTER)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config.text_encoder, **common))
+    text_encoder.eval().save_pretrained(out / "text_encoder")
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config.text_encoder_2, **common))
+    text_encoder_2.eval().save_pretrained(out / "text_encoder_2")
+    UNet2DConditionModel(**config.unet).save_pretrained(out / "unet")
+    AutoencoderKL(**config.vae).save_pretrained(out / "vae")
+    # AnimateDiff's SDXL motion module is a separate download (not part of sdxl-turbo); this one sits
+    # beside the parts, where `birdgen export` looks for it by default.
+    MotionAdapter(**config.motion_adapter).save_pretrained(out / MOTION_ADAPTER)
 
     EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER).save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(
@@ -228,7 +222,7 @@ def write_tiny_model(out: Path, seed: int = SEED) -> Path:
             {
                 "_class_name": "StableDiffusionXLPipeline",
                 "_diffusers_version": "0.42.1",
-                "_birdgen_tiny": True,
+                "_birdgen_preset": preset,
                 "force_zeros_for_empty_prompt": True,
                 "feature_extractor": [None, None],
                 "image_encoder": [None, None],

@@ -37,8 +37,8 @@ class AnimationPipeline(ImagePipeline):
         self, request: Any, progress: Callable[[str, int, int], None] | None = None
     ) -> AnimationResult:
         """`progress(stage, done, total)` hears each denoising step and each decoded chunk."""
+        timings = Timings(self.runner)
         self.check_inputs(request)
-        timings = Timings()
         prompt = self.prompts.build(request)
         seed = request.resolved_seed()
         with timings.stage("text_encoders"):
@@ -65,7 +65,7 @@ class AnimationPipeline(ImagePipeline):
             for fmt in ("webp", "gif") if request.format == "both" else (request.format,):
                 files[fmt] = encode_animation(frames, request.fps, fmt, metadata)
             files["poster"] = encode_poster(frames[request.poster_frame], metadata)
-        return AnimationResult(files, {**metadata, "timings_ms": timings.ms}, frames)
+        return AnimationResult(files, {**metadata, "timings_ms": timings.finish()}, frames)
 
     def denoise_clip(
         self,

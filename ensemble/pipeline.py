@@ -66,15 +66,68 @@ class ImageResult:
     pixels: np.ndarray = field(repr=False)
 
 
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+class TimedRunner:
+    """A StageRunner that adds up the wall time of its stage calls.
+
+    Why: the response metadata splits a request's time into the entry's own work (prompt, scheduler,
+    encoding) and the time spent in stage models, so the benchmark can tell Triton's overhead from
+    compute. One request at a time per pipeline (a Triton instance runs one `execute` at a time).
+    """
+
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
+        self.ms = 0.0
+
+    def ready_version(self, model: str, versions: Sequence[int]) -> int:
+        return self.runner.ready_version(model, versions)
+
+    def max_batch(self, stage: str) -> int:
+        return self.runner.max_batch(stage)
+
+    def run(self, stage: str, inputs: Mapping[str, np.ndarray], **where: Any) -> Tensors:
+        start = time.perf_counter()
+        try:
+            return self.runner.run(stage, inputs, **where)
+        finally:
+            self.ms += _ms_since(start)
+
+    def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]:
+        start = time.perf_counter()
+        try:
+            return self.runner.run_many(calls)
+        finally:
+            self.ms += _ms_since(start)
+
+
 @dataclass
 class Timings:
+    """Per-stage wall times of one request, then `stage_calls` and `total` (see `finish`)."""
+
+    runner: TimedRunner
     ms: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.runner.ms = 0.0
 
     @contextmanager
     def stage(self, name: str):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         yield
-        self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000, 3)
+        self.ms[name] = round(self.ms.get(name, 0.0) + _ms_since(start), 3)
+
+    def finish(self) -> dict[str, float]:
+        """The stage times plus `total` (the request inside this model) and `stage_calls` (the part of
+        it spent waiting for stage models); total - stage_calls is the entry's own work."""
+        return {
+            **self.ms,
+            "stage_calls": round(self.runner.ms, 3),
+            "total": round(_ms_since(self.started), 3),
+        }
 
 
 class ImagePipeline:
@@ -90,15 +143,15 @@ class ImagePipeline:
             CLIPTokenizer.from_pretrained(bundle_dir / "tokenizer_2"),
         )
         self.scheduler_config = EulerAncestralDiscreteScheduler.load_config(bundle_dir / "scheduler")
-        self.runner = runner
+        self.runner = TimedRunner(runner)
         self.prompts = prompts or PromptLibrary.load()
         # bundle_dir is <repository>/bird_image/<version>
         self.router = FamilyRouter(bundle_dir.resolve().parent.parent, Catalogue.load())
 
     # -- the algorithm, in the order StableDiffusionXLPipeline.__call__ runs it ------------------------
     def __call__(self, request: ImageRequest) -> ImageResult:
+        timings = Timings(self.runner)
         self.check_inputs(request)
-        timings = Timings()
         prompt = self.prompts.build(request)
         seed = request.resolved_seed()
         choice = self.router.choose(request)
@@ -116,7 +169,7 @@ class ImagePipeline:
             data = encode_image(pixels, request.format, metadata)
         # Timings vary run to run, so they go in the response metadata but not into the file: the same
         # request must give the same bytes.
-        return ImageResult(data, request.format, {**metadata, "timings_ms": timings.ms}, pixels)
+        return ImageResult(data, request.format, {**metadata, "timings_ms": timings.finish()}, pixels)
 
     def on_one_version(self, choice: UnetChoice, denoise: Callable[[str, int], T]) -> tuple[T, int]:
         """`denoise(model, version)` on the newest ready version of the chosen UNet, and that version.

@@ -7,8 +7,9 @@ alone (its batch-mates are unaffected), anything else an INTERNAL error with the
 from __future__ import annotations
 
 import json
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ import numpy as np
 from birdgen.engines import Engine, engine_kind
 from birdgen.schema import RequestError
 from birdgen.stages import StageSpec, repository_specs
+
+# Triton custom metric (on its /metrics endpoint): seconds spent inside each stage model's engine.
+ENGINE_SECONDS = "birdgen_stage_engine_seconds"
 
 
 def error_response(pb: Any, exc: BaseException) -> Any:
@@ -74,6 +78,46 @@ def load_stage(args: dict[str, str]) -> tuple[StageSpec, Engine]:
         spec, model_dir / args["model_version"], instance_device(args)
     )
     return spec, engine
+
+
+class TimedEngine(Engine):
+    """An engine whose run time is added to a counter.
+
+    Why: Triton's own per-model compute time for a python-backend stage also holds the transfer to and
+    from the stub process; the benchmark needs the engine's time alone to tell Triton's overhead
+    from compute.
+    """
+
+    def __init__(self, engine: Engine, add_seconds: Callable[[float], None]) -> None:
+        self.engine = engine
+        self.add_seconds = add_seconds
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            return self.engine.infer(inputs)
+        finally:
+            self.add_seconds(time.perf_counter() - start)
+
+
+def engine_seconds_metric(pb: Any, args: dict[str, str]) -> tuple[Any, Any]:
+    """The ENGINE_SECONDS counter family and this model instance's counter in it; keep both alive
+    together (python_backend wants a family to outlive its metrics).
+
+    One counter per model, version and instance: a metric is removed when its model unloads, and
+    a counter shared with another instance or version (a roll-out) would be removed under it.
+    """
+    family = pb.MetricFamily(
+        name=ENGINE_SECONDS,
+        description="Seconds spent in the stage's engine (inference only, no Triton transfers)",
+        kind=pb.MetricFamily.COUNTER,
+    )
+    labels = {
+        "model": args["model_name"],
+        "version": args["model_version"],
+        "instance": args["model_instance_name"],
+    }
+    return family, family.Metric(labels=labels)
 
 
 def run_batched(pb: Any, spec: StageSpec, engine: Engine, requests: Sequence[Any]) -> list[Any]:

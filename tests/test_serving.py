@@ -144,7 +144,13 @@ def test_each_format_carries_its_metadata_and_ai_label(server, fmt) -> None:
     assert embedded == {k: v for k, v in image.metadata.items() if k != "timings_ms"}
     assert embedded["ai_generated"] is True and embedded["seed"] == 42 and embedded["format"] == fmt
     assert "American Robin" in embedded["prompt"] and embedded["model_version"].startswith("tiny-sdxl-turbo-")
-    assert set(image.metadata["timings_ms"]) == {"text_encoders", "unet", "vae_decoder", "encode"}
+    timings = image.metadata["timings_ms"]
+    assert set(timings) == {"text_encoders", "unet", "vae_decoder", "encode", "stage_calls", "total"}
+    # Nested intervals, each rounded to a microsecond on its own.
+    assert (
+        timings["stage_calls"] <= timings["text_encoders"] + timings["unet"] + timings["vae_decoder"] + 0.01
+    )
+    assert sum(v for k, v in timings.items() if k not in ("stage_calls", "total")) <= timings["total"] + 0.01
     assert DIGITAL_SOURCE_TYPE.encode() in image.data
 
 
