@@ -71,7 +71,7 @@ class EinkResult:
     palette: str
     bits_per_pixel: int
     layout: dict[str, Any]  # JSON-ready: row_bytes, bit order, colour values, GxEPD2 driver, rotation
-    metadata: dict[str, Any]  # the source's generation metadata plus "eink" (the settings used)
+    metadata: dict[str, Any]  # the source's generation metadata plus "eink" (the settings, the layout)
 
 
 def render_eink(
