@@ -126,13 +126,19 @@ def _output_path(out: Path, fmt: str) -> Path:
 
 
 def _generate_image(args: argparse.Namespace) -> int:
-    from birdgen.client import BirdClient
+    """With --format eink, the PNG preview goes to --out and the panel buffer beside it as .bin."""
+    from birdgen.client import BirdClient, GeneratedEink
 
     with BirdClient(args.url, deadline_s=args.timeout) as client:
         image = client.generate_image(**_request_fields(args, ImageRequest))
     path = image.save(_output_path(args.out, image.format))
+    written = [f"{path} ({len(image.data)} bytes)"]
+    if isinstance(image, GeneratedEink):
+        buffer = image.save_buffer(path.with_suffix(".bin"))
+        size = f"{image.width}x{image.height}, {image.bits_per_pixel}-bit"
+        written.append(f"{buffer} ({len(image.buffer)} bytes, {size})")
     print(json.dumps(image.metadata, indent=2, sort_keys=True))
-    print(f"wrote {path} ({len(image.data)} bytes)", file=sys.stderr)
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
     return 0
 
 

@@ -23,26 +23,18 @@ most significant bits; a pixel's value is its colour's position in the palette.
 
 from __future__ import annotations
 
-import functools
 import io
-import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from birdgen.eink_panels import PRESETS, Palette
 from birdgen.media import encode_image, read_metadata
-from birdgen.prompts import DATA_DIR, load_data_file
-from birdgen.schema import RequestError
+from birdgen.schema import EINK, ImageRequest, eink_option
 
-DEFAULT_PANELS = DATA_DIR / "eink_panels.yaml"
-DITHERS = ("floyd-steinberg", "ordered", "none")
-FITS = ("subject", "cover", "contain")
 BIT_ORDER = "rows top to bottom, each padded to a whole byte; the leftmost pixel in the most significant bits"
 
 # The subject is found on a copy this many pixels on its long side: enough to place a bird, small
@@ -53,10 +45,6 @@ _SALIENCY_SIZE = 128
 # many weaker ones whose area would otherwise drag the centre of mass towards the middle. Relative
 # to the steepest edge rather than a fixed share of the pixels, so the texture's extent cannot matter.
 _SALIENT_FRACTION = 0.25
-_KEY = r"^[a-z0-9]+(-[a-z0-9]+)*$"  # panel, palette and colour names
-_WHITE = "white"
-
-Channel = Annotated[int, Field(ge=0, le=255)]
 
 
 def _bayer(size: int) -> np.ndarray:
@@ -71,108 +59,6 @@ def _bayer(size: int) -> np.ndarray:
 _BAYER = _bayer(8)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class Colour(_Strict):
-    name: str = Field(pattern=_KEY)
-    rgb: list[Channel] = Field(min_length=3, max_length=3)
-
-
-class Palette(_Strict):
-    """The inks of one panel mode, in buffer-value order, and the driver library that shows them."""
-
-    bits_per_pixel: Literal[1, 2, 4]
-    library: str = Field(min_length=1)  # Arduino library: GxEPD2, GxEPD2_4G
-    display_class: str = Field(min_length=1)  # its display template: GxEPD2_BW, GxEPD2_4G_4G, GxEPD2_7C
-    colours: list[Colour] = Field(min_length=2)
-
-    @model_validator(mode="after")
-    def _codes_fit(self) -> Palette:
-        names = [c.name for c in self.colours]
-        if len(set(names)) != len(names):
-            raise ValueError(f"colour names must be unique, got {names}")
-        if len(names) > 1 << self.bits_per_pixel:
-            raise ValueError(f"{len(names)} colours do not fit {self.bits_per_pixel} bits per pixel")
-        if _WHITE not in names:
-            raise ValueError("a palette needs 'white' (letterbox bars and row padding)")
-        return self
-
-    @property
-    def rgb(self) -> np.ndarray:
-        """(N, 3) float32 colours; row i is buffer value i."""
-        return np.array([c.rgb for c in self.colours], dtype=np.float32)
-
-    @property
-    def is_grey(self) -> bool:
-        return all(len(set(c.rgb)) == 1 for c in self.colours)
-
-    @property
-    def white_value(self) -> int:
-        return next(i for i, c in enumerate(self.colours) if c.name == _WHITE)
-
-    @property
-    def ordered_spread(self) -> float:
-        """How far (per channel) the Bayer map moves a pixel: the smallest gap between two inks / sqrt 3.
-
-        Exactly one step for evenly spaced greys (255 for bw, 85 for grey4), so any flat tone becomes
-        a mix of the two inks around it. Never more: a pixel of pure ink moved by less than that
-        stays nearest to its own ink (on the 7-colour palette, the widest gap would turn pure red
-        partly orange).
-        """
-        rgb = self.rgb
-        distance = np.sqrt(((rgb[:, None] - rgb[None]) ** 2).sum(-1))
-        np.fill_diagonal(distance, np.inf)
-        return float(distance.min() / math.sqrt(3))
-
-
-class Panel(_Strict):
-    """One e-paper panel: the picture size its buffer holds and the palettes it can show."""
-
-    model: str = Field(min_length=1)  # Good Display part number
-    driver: str = Field(min_length=1)  # GxEPD2 driver class
-    width: int = Field(ge=1)
-    height: int = Field(ge=1)
-    rotation: Literal[0, 1, 2, 3]  # GxEPD2 setRotation() under which the picture is upright
-    palettes: list[str] = Field(min_length=1)  # the first is the default
-
-
-class EinkPresets(_Strict):
-    """The validated eink_panels.yaml."""
-
-    palettes: dict[str, Palette] = Field(min_length=1)
-    panels: dict[str, Panel] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _names_and_references(self) -> EinkPresets:
-        for section in ("palettes", "panels"):
-            for key in getattr(self, section):
-                if not re.fullmatch(_KEY, key):
-                    raise ValueError(f"{section}.{key}: names are lower-case words joined by '-'")
-        for name, panel in self.panels.items():
-            unknown = [p for p in panel.palettes if p not in self.palettes]
-            if unknown or len(set(panel.palettes)) != len(panel.palettes):
-                raise ValueError(
-                    f"panels.{name}.palettes: {panel.palettes} must be distinct names from "
-                    f"{', '.join(self.palettes)}"
-                )
-        return self
-
-    @classmethod
-    def load(cls, path: Path | None = None) -> EinkPresets:
-        """The presets from `path`, or the bundled ones (read once per process)."""
-        return _load_default() if path is None else load_data_file(path, cls)
-
-
-@functools.cache
-def _load_default() -> EinkPresets:
-    return load_data_file(DEFAULT_PANELS, EinkPresets)
-
-
-PRESETS = EinkPresets.load()
-
-
 @dataclass(frozen=True)
 class EinkResult:
     """A picture ready for one panel: what the device shows (buffer) and what people see (preview)."""
@@ -185,7 +71,7 @@ class EinkResult:
     palette: str
     bits_per_pixel: int
     layout: dict[str, Any]  # JSON-ready: row_bytes, bit order, colour values, GxEPD2 driver, rotation
-    metadata: dict[str, Any]  # the source's generation metadata plus "eink" (the settings used)
+    metadata: dict[str, Any]  # the source's generation metadata plus "eink" (the settings, the layout)
 
 
 def render_eink(
@@ -193,8 +79,8 @@ def render_eink(
     panel: str,
     *,
     palette: str | None = None,
-    dither: str = "floyd-steinberg",
-    fit: str = "subject",
+    dither: str | None = None,
+    fit: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> EinkResult:
     """Fit, dither and pack `image` for `panel`.
@@ -202,32 +88,33 @@ def render_eink(
     `image` is an encoded birdgen image (PNG/WebP/JPEG bytes, e.g. from the cache), whose metadata
     is carried over, or a PIL image; `metadata`, when given, replaces what the bytes carry (and is
     required with a PIL image). `palette` defaults to the panel's first; `dither` is
-    floyd-steinberg, ordered (Bayer 8x8) or none; `fit` is subject (crop around the steepest
-    edges, where the sharp bird is), cover (centre crop) or contain (letterbox on white). Names are
-    matched ignoring case and outer spaces.
+    floyd-steinberg (the default), ordered (Bayer 8x8) or none; `fit` is subject (the default: crop
+    around the steepest edges, where the sharp bird is), cover (centre crop) or contain (letterbox
+    on white). Names are matched ignoring case and outer spaces.
     Raises RequestError naming the field for an unknown panel, palette, dither or fit, and
     ValueError for bytes that are not an image or carry no metadata when none is given.
     """
-    panel_name = _choice("panel", panel, list(PRESETS.panels))
+    panel_name = eink_option("panel", panel)
     spec = PRESETS.panels[panel_name]
-    palette_name = (
-        spec.palettes[0]
-        if palette is None
-        else _choice(
-            "palette",
-            palette,
-            spec.palettes,
-            f" (the palettes of panel {panel_name}), or null for {spec.palettes[0]}",
-        )
-    )
+    palette_name = eink_option("palette", palette, panel_name)
     inks = PRESETS.palettes[palette_name]
-    dither = _choice("dither", dither, DITHERS)
-    fit = _choice("fit", fit, FITS)
+    dither = eink_option("dither", dither)
+    fit = eink_option("fit", fit)
 
     source, generation = _source(image, metadata)
     fitted, crop = _fit(source, spec.width, spec.height, fit)
     indices = _dither(fitted, inks, dither)
 
+    layout = {
+        "bits_per_pixel": inks.bits_per_pixel,
+        "pixels_per_byte": 8 // inks.bits_per_pixel,
+        "row_bytes": row_bytes(spec.width, inks.bits_per_pixel),
+        "order": BIT_ORDER,
+        "values": {colour.name: value for value, colour in enumerate(inks.colours)},
+        "driver": f"{inks.display_class}<{spec.driver}> ({inks.library})",
+        "model": spec.model,
+        "rotation": spec.rotation,
+    }
     settings = {
         "panel": panel_name,
         "palette": palette_name,
@@ -237,6 +124,7 @@ def render_eink(
         "height": spec.height,
         "bits_per_pixel": inks.bits_per_pixel,
         "crop": list(crop),  # the source pixels shown: left, top, right, bottom
+        "layout": layout,  # so a preview or a response alone says how to read its buffer
     }
     labelled = {**generation, "eink": settings}
     preview = Image.fromarray(indices, "P")
@@ -249,17 +137,25 @@ def render_eink(
         panel=panel_name,
         palette=palette_name,
         bits_per_pixel=inks.bits_per_pixel,
-        layout={
-            "bits_per_pixel": inks.bits_per_pixel,
-            "pixels_per_byte": 8 // inks.bits_per_pixel,
-            "row_bytes": row_bytes(spec.width, inks.bits_per_pixel),
-            "order": BIT_ORDER,
-            "values": {colour.name: value for value, colour in enumerate(inks.colours)},
-            "driver": f"{inks.display_class}<{spec.driver}> ({inks.library})",
-            "model": spec.model,
-            "rotation": spec.rotation,
-        },
+        layout=layout,
         metadata=labelled,
+    )
+
+
+def render_request(request: ImageRequest, source_png: bytes) -> EinkResult:
+    """A `format=eink` request's result, made from the PNG of `request.eink_source()`.
+
+    The server renders this way right after generating that PNG, and a client from the same PNG in
+    its cache, so both give the same bytes.
+    """
+    if request.format != EINK or request.eink_panel is None:
+        raise ValueError(f"not an e-ink request: format is {request.format!r}")
+    return render_eink(
+        source_png,
+        request.eink_panel,
+        palette=request.eink_palette,
+        dither=request.eink_dither,
+        fit=request.eink_fit,
     )
 
 
@@ -314,13 +210,6 @@ def _shifts(bits_per_pixel: int) -> np.ndarray:
     """Where each pixel of a byte sits, leftmost first: 7..0 for 1 bit, 6, 4, 2, 0 for 2, 4, 0 for 4."""
     per_byte = 8 // bits_per_pixel
     return (bits_per_pixel * np.arange(per_byte - 1, -1, -1)).astype(np.uint8)
-
-
-def _choice(field: str, value: object, allowed: Sequence[str], note: str = "") -> str:
-    key = value.strip().lower() if isinstance(value, str) else None
-    if key not in allowed:
-        raise RequestError(field, value, ", ".join(allowed) + note)
-    return key
 
 
 def _source(

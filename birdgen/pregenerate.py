@@ -39,7 +39,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from birdgen.client.calls import GeneratedAnimation, GeneratedImage, RetryPolicy
+from birdgen.client.calls import GeneratedAnimation, GeneratedEink, GeneratedImage, RetryPolicy
 from birdgen.client.errors import (
     BirdgenError,
     DeadlineExceededError,
@@ -291,6 +291,8 @@ def output_files(item: WorkItem, result: GeneratedImage | GeneratedAnimation) ->
     """Name -> (path relative to the output folder, bytes): `<kind>/<species_id><suffix>`."""
     if isinstance(result, GeneratedImage):
         files = {"image": (_SUFFIXES[result.format], result.data)}
+        if isinstance(result, GeneratedEink):  # format=eink: the panel buffer beside its preview
+            files["eink_buffer"] = (".bin", result.buffer)
     else:
         files = {name: (_SUFFIXES[name], data) for name, data in result.files.items()}
     return {name: (f"{item.kind}/{item.species_id}{suffix}", data) for name, (suffix, data) in files.items()}

@@ -3,7 +3,8 @@
 The client, the HTTP gateway and the Triton models all import this module, so a request means the
 same thing everywhere: the same defaults, the same canonical form (cache key and derived seed) and
 the same error for the same mistake. Limits come from `data/limits.yaml`, vocabulary values
-(pose, behaviour, season, ...) from `data/vocabulary.yaml`, family groups from `data/catalogue.yaml`.
+(pose, behaviour, season, ...) from `data/vocabulary.yaml`, family groups from `data/catalogue.yaml`,
+e-ink panels and palettes from `data/eink_panels.yaml`.
 The two requests share every field they have in common: each is declared and validated once.
 """
 
@@ -30,14 +31,20 @@ from pydantic import (
 )
 
 from birdgen.catalogue import Catalogue
+from birdgen.eink_panels import DITHERS, FITS
+from birdgen.eink_panels import PRESETS as EINK_PRESETS
 from birdgen.prompts import DATA_DIR, FIELDS, PromptLibrary, load_data_file
 
 DEFAULT_LIMITS = DATA_DIR / "limits.yaml"
 _SPECIES_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SEED_MASK = (1 << 63) - 1
+# The image format that renders the PNG of the same request for an e-paper panel (birdgen.eink).
+EINK = "eink"
+EINK_FIELDS = ("eink_panel", "eink_palette", "eink_dither", "eink_fit")
+EINK_SOURCE_FORMAT = "png"  # lossless: the panel picture is the same wherever it is rendered
 # Fields that choose how a result is delivered, not what is drawn: left out of the derived seed.
-OUTPUT_CHOICES = ("format", "poster_frame")
+OUTPUT_CHOICES = ("format", "poster_frame", *EINK_FIELDS)
 
 
 class _Missing(enum.Enum):
@@ -263,6 +270,9 @@ class _Request(BaseModel):
             return ", ".join(cls._limits.formats) + (f" (also {aliases})" if aliases else "")
         if field == "habitat":
             return f"{', '.join(VOCABULARY.allowed(field))}, or null"
+        if field in EINK_FIELDS:
+            names, note = _eink_names(field.removeprefix("eink_"), None)
+            return f"with format {EINK}: {', '.join(names)}{note}; with any other format: null"
         if field in FIELDS:
             return ", ".join(VOCABULARY.allowed(field))
         return f"the fields {', '.join(cls.model_fields)}"
@@ -344,9 +354,28 @@ class _Request(BaseModel):
             raise RequestError("format", value, cls._allowed("format"))
         return fmt
 
+    @field_validator(*EINK_FIELDS, check_fields=False)
+    @classmethod
+    def _eink(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Canonical e-ink options with format eink (defaults filled in, so a spelt-out default is the
+        same request); null otherwise: an option the chosen format would ignore is a mistake."""
+        field = info.field_name
+        if info.data.get("format") != EINK:
+            if value is not None:
+                raise RequestError(field, value, cls._allowed(field))
+            return None
+        option, panel = field.removeprefix("eink_"), info.data.get("eink_panel")
+        if option != "panel" and panel is None:
+            return value  # the panel was refused, and that is the error reported
+        return eink_option(option, value, panel, field=field)
+
     def to_dict(self) -> dict[str, Any]:
-        """Every field, normalised and JSON-ready: what a client sends."""
-        return self.model_dump(mode="json")
+        """Every field, normalised and JSON-ready: what a client sends.
+
+        The e-ink options are left out unless the format is eink (they are null then), so every
+        other request keeps the canonical form, cache key and file metadata it had before they existed.
+        """
+        return self.model_dump(mode="json", exclude=None if self.format == EINK else set(EINK_FIELDS))
 
     def canonical_json(self) -> str:
         """The request as one canonical string: equal requests give equal text (cache keys, seeds)."""
@@ -400,6 +429,12 @@ class _Picture(_Request):
 
 class _ImageFormat(_Request):
     format: str = LIMITS.default_format
+    # With format eink: the panel (required), its palette, the dithering and the fit (names in
+    # data/eink_panels.yaml); null with any other format. Validated after `format`, in this order.
+    eink_panel: str | None = Field(default=None, validate_default=True)
+    eink_palette: str | None = Field(default=None, validate_default=True)
+    eink_dither: str | None = Field(default=None, validate_default=True)
+    eink_fit: str | None = Field(default=None, validate_default=True)
 
 
 class _Clip(_Request):
@@ -422,7 +457,14 @@ class ImageRequest(_Overrides, _ImageFormat, _Picture, _Pose, _Subject):
     "Golden Hour" -> "golden-hour", "fall" -> "autumn" (vocabulary aliases), "passeriformes" ->
     "Passeriformes", "JPG" -> "jpeg". Empty optional strings mean null. Integers are strict: no
     bools, floats or numeric strings. Invalid input raises RequestError, never a pydantic error.
+    Format eink needs `eink_panel`; the other e-ink options get their defaults filled in.
     """
+
+    def eink_source(self) -> ImageRequest:
+        """The PNG request a format=eink request is rendered from: this one as format png without
+        the e-ink options. Same picture (output choices keep the seed), and the same cache entry as
+        a plain PNG request, so a cached PNG is rendered for the panel without generating it again."""
+        return self.model_copy(update={"format": EINK_SOURCE_FORMAT, **dict.fromkeys(EINK_FIELDS)})
 
 
 class AnimationRequest(_Overrides, _Clip, _Picture, _Behaviour, _Subject):
@@ -451,6 +493,35 @@ class AnimationRequest(_Overrides, _Clip, _Picture, _Behaviour, _Subject):
     def _frames(self) -> AnimationRequest:
         _check_frames(self, ANIMATION.max_frames)
         return self
+
+
+def eink_option(option: str, value: object, panel: str | None = None, *, field: str | None = None) -> str:
+    """The canonical name of an e-ink `option` (panel, palette, dither or fit), matched ignoring case
+    and outer spaces; None picks the default (dither, fit: the first listed; a palette: `panel`'s
+    first). Raises RequestError naming `field` (default: the option) and the names allowed.
+
+    The one check of e-ink names: birdgen.eink.render_eink and the request's eink_* fields use it.
+    """
+    names, note = _eink_names(option, panel)
+    if value is None and option != "panel":
+        return names[0]
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key not in names:
+        raise RequestError(field or option, MISSING if value is None else value, ", ".join(names) + note)
+    return key
+
+
+def _eink_names(option: str, panel: str | None) -> tuple[list[str], str]:
+    """The names `option` accepts (a palette: those of `panel`, all when None) and a note on them."""
+    if option == "panel":
+        return list(EINK_PRESETS.panels), ""
+    if option == "palette":
+        if panel is None:
+            return list(EINK_PRESETS.palettes), " (those of the panel), or null for the panel's first"
+        palettes = EINK_PRESETS.panels[panel].palettes
+        return palettes, f" (the palettes of panel {panel}), or null for {palettes[0]}"
+    names = list(DITHERS if option == "dither" else FITS)
+    return names, f", or null for {names[0]}"
 
 
 def _check_frames(request: AnimationRequest, max_frames: int) -> None:

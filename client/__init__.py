@@ -3,7 +3,7 @@
 
 from birdgen.client.aio import AsyncBirdClient
 from birdgen.client.cache import CacheEntry, ResponseCache, cache_key
-from birdgen.client.calls import GeneratedAnimation, GeneratedImage, RetryPolicy
+from birdgen.client.calls import GeneratedAnimation, GeneratedEink, GeneratedImage, RetryPolicy
 from birdgen.client.client import BirdClient
 from birdgen.client.errors import (
     BirdgenError,
@@ -20,6 +20,7 @@ __all__ = [
     "CacheEntry",
     "DeadlineExceededError",
     "GeneratedAnimation",
+    "GeneratedEink",
     "GeneratedImage",
     "GenerationError",
     "InvalidRequestError",

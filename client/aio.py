@@ -52,7 +52,7 @@ class AsyncBirdClient(ClientBase):
         deadline_s: float | None = None,
         **fields: Any,
     ) -> GeneratedImage:
-        """Generate one image. Pass an ImageRequest, a mapping, or the fields as keywords."""
+        """Generate one image, as BirdClient.generate_image does (format="eink": a GeneratedEink)."""
         call = image_call(request, fields)
         attempts = self._attempts(deadline_s)
         return as_image(await self._cached(call, attempts, lambda: self._generate(call, attempts)))
@@ -78,7 +78,11 @@ class AsyncBirdClient(ClientBase):
             return await generate()
         version = await self._model_version(call.cache_model, attempts)
         return await self.cache.aget_or_generate(
-            call.request, generate, model_version=version, wait_s=attempts.remaining()
+            call.request,
+            generate,
+            model_version=version,
+            wait_s=attempts.remaining(),
+            derive=call.derivation(),
         )
 
     async def _model_version(self, model: str, attempts: Attempts) -> str:

@@ -11,6 +11,8 @@ through a client (`BirdClient(url, cache=ResponseCache(redis_url))`).
   written with its TTL by a single SET, so no entry ever lives without one.
 - Identical concurrent misses generate once: the first caller takes a short lock (SET NX PX); the
   others poll for the value, and generate themselves only if the holder fails or the wait runs out.
+- A miss that another cached request can be made from (`Derivation`: a format=eink request from
+  the PNG of the same request) is made from it here, without generating, and stored under its own key.
 - Redis is never a reason to fail: an error or timeout logs a warning, counts in
   `birdgen_cache_errors_total`, and the request is generated without the cache.
 """
@@ -61,6 +63,18 @@ class CacheEntry:
 
     files: dict[str, bytes]
     metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How a request's entry can be made from another request's cached entry without generating.
+
+    `make` runs on the caller's side (in a worker thread under asyncio): a format=eink request is
+    rendered from the cached PNG of the same request (birdgen.eink.render_request).
+    """
+
+    source: Request
+    make: Callable[[CacheEntry], CacheEntry]
 
 
 def cache_key(request: Request, model_version: str) -> str:
@@ -143,7 +157,15 @@ class _Generate:
     """Run the caller's generate function and send back its entry."""
 
 
-_Step = _Command | _Sleep | _Generate
+@dataclass(frozen=True)
+class _Make:
+    """Run a derivation's `make` on the source entry and send back its entry."""
+
+    make: Callable[[CacheEntry], CacheEntry]
+    source: CacheEntry
+
+
+_Step = _Command | _Sleep | _Generate | _Make
 _Flow = Generator[_Step, Any, CacheEntry]
 
 
@@ -218,13 +240,15 @@ class ResponseCache:
         *,
         model_version: str,
         wait_s: float | None = None,
+        derive: Derivation | None = None,
     ) -> CacheEntry:
         """The cached entry for `request`, or `generate()`'s, stored for `ttl_s`.
 
         `wait_s` bounds the wait for another caller's identical generation (default: the lock's TTL).
+        With `derive`, a miss whose source is cached is made from it instead of generated.
         Exceptions from `generate` propagate (the lock is released first); Redis errors never do.
         """
-        run = _Run(self._flow(request, model_version, wait_s))
+        run = _Run(self._flow(request, model_version, wait_s, derive))
         while (step := run.step()) is not None:
             with run.catching():
                 run.outcome = self._execute(step, generate)
@@ -236,6 +260,8 @@ class ResponseCache:
         if isinstance(step, _Sleep):
             time.sleep(step.seconds)
             return None
+        if isinstance(step, _Make):
+            return step.make(step.source)
         return generate()
 
     async def aget_or_generate(
@@ -245,9 +271,11 @@ class ResponseCache:
         *,
         model_version: str,
         wait_s: float | None = None,
+        derive: Derivation | None = None,
     ) -> CacheEntry:
-        """`get_or_generate` for asyncio: Redis and the waits are awaited, never blocking the loop."""
-        run = _Run(self._flow(request, model_version, wait_s))
+        """`get_or_generate` for asyncio: Redis, the waits and a derivation are awaited, never
+        blocking the loop."""
+        run = _Run(self._flow(request, model_version, wait_s, derive))
         while (step := run.step()) is not None:
             with run.catching():
                 run.outcome = await self._aexecute(step, generate)
@@ -259,6 +287,8 @@ class ResponseCache:
         if isinstance(step, _Sleep):
             await asyncio.sleep(step.seconds)
             return None
+        if isinstance(step, _Make):
+            return await asyncio.to_thread(step.make, step.source)
         return await generate()
 
     def _async_redis(self) -> redis.asyncio.Redis:
@@ -269,7 +299,9 @@ class ResponseCache:
             self._aredis = (loop, client)
         return self._aredis[1]
 
-    def _flow(self, request: Request, model_version: str, wait_s: float | None) -> _Flow:
+    def _flow(
+        self, request: Request, model_version: str, wait_s: float | None, derive: Derivation | None
+    ) -> _Flow:
         kind = "animation" if isinstance(request, AnimationRequest) else "image"
         key = cache_key(request, model_version)
         lock, token = f"{key}:lock", secrets.token_hex(16)
@@ -283,7 +315,9 @@ class ResponseCache:
             return cached
         self.metrics.misses.labels(kind).inc()
         try:
-            entry = yield _Generate()
+            entry = None if derive is None else (yield from self._derived(derive, model_version, kind))
+            if entry is None:
+                entry = yield _Generate()
         except BaseException as exc:
             if owner and not isinstance(exc, GeneratorExit):  # waiters need not wait out the lock
                 with contextlib.suppress(redis.RedisError):
@@ -296,6 +330,20 @@ class ResponseCache:
         except redis.RedisError as exc:
             self._failed(exc, kind)
         return entry
+
+    def _derived(
+        self, derive: Derivation, model_version: str, kind: str
+    ) -> Generator[_Step, Any, CacheEntry | None]:
+        """The entry made from the source's cached one; None when the source is not cached, or Redis
+        or the cached source fails (logged and counted: the caller generates instead)."""
+        try:
+            raw = yield _Command("get", cache_key(derive.source, model_version))
+            if raw is None:
+                return None
+            return (yield _Make(derive.make, decode_entry(raw)))
+        except (redis.RedisError, ValueError) as exc:  # CorruptEntryError, an unreadable image
+            self._failed(exc, kind)
+            return None
 
     def _look_up(
         self, key: str, lock: str, token: str, wait_s: float | None

@@ -21,7 +21,7 @@ from PIL import Image
 from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.utils import InferenceServerException
 
-from birdgen.client.cache import CacheEntry, ResponseCache
+from birdgen.client.cache import CacheEntry, Derivation, ResponseCache
 from birdgen.client.errors import (
     BirdgenError,
     DeadlineExceededError,
@@ -29,9 +29,11 @@ from birdgen.client.errors import (
     InvalidRequestError,
     ServerUnavailableError,
 )
+from birdgen.eink import render_request
 from birdgen.ensemble.routing import MOTION_UNET, family_of
 from birdgen.ensemble.routing import family_model as family_model_name
 from birdgen.schema import (
+    EINK,
     AnimationRequest,
     ImageRequest,
     RequestError,
@@ -42,7 +44,7 @@ from birdgen.schema import (
 IMAGE_MODEL = "bird_image"
 ANIMATION_MODEL = "bird_animation"
 ANIMATION_STREAM_MODEL = "bird_animation_stream"
-IMAGE_OUTPUTS = ("image", "metadata")
+IMAGE_OUTPUTS = ("image", "eink_buffer", "metadata")  # eink_buffer: empty unless format is eink
 ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
 PROGRESS = "progress"
 # gRPC codes that say "not now" rather than "not this": the same request may succeed on a retry.
@@ -69,10 +71,38 @@ class GeneratedImage:
         return image
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.data)
-        return path
+        return _write(path, self.data)
+
+
+@dataclass(frozen=True)
+class GeneratedEink(GeneratedImage):
+    """A format=eink result: `data` is the PNG preview, `buffer` what the panel's driver writes.
+
+    The buffer is `height` rows of `layout["row_bytes"]` bytes, the leftmost pixel in the most
+    significant bits (docs/eink.md); `metadata["eink"]` has the panel, palette, dither, fit, crop and
+    that layout.
+    """
+
+    buffer: bytes
+    width: int
+    height: int
+    bits_per_pixel: int
+    panel: str
+    palette: str
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        return self.metadata["eink"]["layout"]
+
+    def save_buffer(self, path: str | Path) -> Path:
+        return _write(path, self.buffer)
+
+
+def _write(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
 
 
 @dataclass(frozen=True)
@@ -94,10 +124,7 @@ class GeneratedAnimation:
         for name, target in targets:
             if name not in self.files:
                 raise ValueError(f"no {name} in this animation (format was {self.metadata.get('format')!r})")
-            target = Path(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.files[name])
-            written.append(target)
+            written.append(_write(target, self.files[name]))
         return written
 
 
@@ -194,6 +221,14 @@ class Call:
         the same files as bird_animation, so both share its entries."""
         return ANIMATION_MODEL if self.model == ANIMATION_STREAM_MODEL else self.model
 
+    def derivation(self) -> Derivation | None:
+        """For the cache: a format=eink request is rendered from the cached PNG of the same request
+        when there is one, without asking the server."""
+        request = self.request
+        if not isinstance(request, ImageRequest) or request.format != EINK:
+            return None
+        return Derivation(request.eink_source(), lambda source: eink_entry(request, source))
+
     def inputs(self) -> list[InferInput]:
         tensor = InferInput("request", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([self.request.canonical_json().encode()], dtype=np.object_))
@@ -268,8 +303,29 @@ def roll_out_order(family_model: str, present: set[str]) -> list[str]:
     return [m for m in (*unets, IMAGE_MODEL, ANIMATION_MODEL, ANIMATION_STREAM_MODEL) if m in present]
 
 
+def eink_entry(request: ImageRequest, source: CacheEntry) -> CacheEntry:
+    """A format=eink entry rendered here from the PNG entry of `request.eink_source()`: the same
+    files as the server's (both are birdgen.eink.render_request); the timings are this render's."""
+    start = time.perf_counter()
+    panel = render_request(request, source.files["image"])
+    ms = round((time.perf_counter() - start) * 1000, 3)
+    files = {"image": panel.preview_png, "eink_buffer": panel.buffer}
+    return CacheEntry(files, {**panel.metadata, "timings_ms": {"eink": ms, "total": ms}})
+
+
 def as_image(entry: CacheEntry) -> GeneratedImage:
-    return GeneratedImage(entry.files["image"], entry.metadata["format"], entry.metadata)
+    """A GeneratedImage, or a GeneratedEink when the entry holds a panel buffer."""
+    data, metadata = entry.files["image"], entry.metadata
+    if "eink_buffer" not in entry.files:
+        return GeneratedImage(data, metadata["format"], metadata)
+    eink = metadata["eink"]
+    return GeneratedEink(
+        data,
+        metadata["format"],
+        metadata,
+        buffer=entry.files["eink_buffer"],
+        **{name: eink[name] for name in ("width", "height", "bits_per_pixel", "panel", "palette")},
+    )
 
 
 def as_animation(entry: CacheEntry) -> GeneratedAnimation:

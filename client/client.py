@@ -51,7 +51,12 @@ class BirdClient(ClientBase):
         deadline_s: float | None = None,
         **fields: Any,
     ) -> GeneratedImage:
-        """Generate one image. Pass an ImageRequest, a mapping, or the fields as keywords."""
+        """Generate one image. Pass an ImageRequest, a mapping, or the fields as keywords.
+
+        With format="eink" (and eink_panel, ...) the result is a GeneratedEink: the PNG preview and
+        the panel's buffer. With a cache, it is rendered here from the cached PNG of the same request
+        when there is one, without a server call.
+        """
         call = image_call(request, fields)
         attempts = self._attempts(deadline_s)
         return as_image(self._cached(call, attempts, lambda: self._generate(call, attempts)))
@@ -79,7 +84,11 @@ class BirdClient(ClientBase):
             return generate()
         version = self._model_version(call.cache_model, attempts)
         return self.cache.get_or_generate(
-            call.request, generate, model_version=version, wait_s=attempts.remaining()
+            call.request,
+            generate,
+            model_version=version,
+            wait_s=attempts.remaining(),
+            derive=call.derivation(),
         )
 
     def _model_version(self, model: str, attempts: Attempts) -> str:

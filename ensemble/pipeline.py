@@ -26,12 +26,13 @@ from transformers import CLIPTokenizer
 
 import birdgen
 from birdgen.catalogue import Catalogue
+from birdgen.eink import render_request
 from birdgen.ensemble.routing import FamilyRouter, UnetChoice
 from birdgen.ensemble.runners import ModelUnavailable
 from birdgen.media import encode_image
 from birdgen.model_folder import ModelDims
 from birdgen.prompts import Prompt, PromptLibrary
-from birdgen.schema import ImageRequest, RequestError
+from birdgen.schema import EINK, ImageRequest, RequestError
 
 PIPELINE_FILE = "pipeline.json"
 # How often a request is redrawn when a roll-out unloads the UNet version it was pinned to.
@@ -60,10 +61,11 @@ class StageRunner(Protocol):
 
 @dataclass
 class ImageResult:
-    data: bytes
-    format: str
+    data: bytes  # the encoded image; with format eink, the PNG preview
+    format: str  # of `data`: png for an e-ink result
     metadata: dict[str, Any]
-    pixels: np.ndarray = field(repr=False)
+    pixels: np.ndarray = field(repr=False)  # the decoded picture, before any e-ink rendering
+    eink_buffer: bytes = b""  # format eink: the panel driver's packed buffer (birdgen.eink)
 
 
 def _ms_since(start: float) -> float:
@@ -151,25 +153,33 @@ class ImagePipeline:
     # -- the algorithm, in the order StableDiffusionXLPipeline.__call__ runs it ------------------------
     def __call__(self, request: ImageRequest) -> ImageResult:
         timings = Timings(self.runner)
-        self.check_inputs(request)
-        prompt = self.prompts.build(request)
-        seed = request.resolved_seed()
-        choice = self.router.choose(request)
+        # format=eink draws the PNG of the same request and renders that for the panel, exactly as a
+        # client renders the PNG it finds in its cache (birdgen.eink.render_request).
+        picture = request.eink_source() if request.format == EINK else request
+        self.check_inputs(picture)
+        prompt = self.prompts.build(picture)
+        seed = picture.resolved_seed()
+        choice = self.router.choose(picture)
         with timings.stage("text_encoders"):
             prompt_embeds, pooled, truncated = self.encode_prompt(prompt.text)
         with timings.stage("unet"):
             latents, version = self.on_one_version(
-                choice, lambda model, v: self.denoise(request, seed, prompt_embeds, pooled, model, v)
+                choice, lambda model, v: self.denoise(picture, seed, prompt_embeds, pooled, model, v)
             )
         with timings.stage("vae_decoder"):
             pixels = self.runner.run("vae_decoder", {"latent": latents.numpy()})["image"][0]
-        metadata = self.describe(request, prompt, seed, truncated)
+        metadata = self.describe(picture, prompt, seed, truncated)
         metadata.update(self.unet_facts(choice, version))
         with timings.stage("encode"):
-            data = encode_image(pixels, request.format, metadata)
+            data = encode_image(pixels, picture.format, metadata)
+        buffer = b""
+        if picture is not request:
+            with timings.stage("eink"):
+                panel = render_request(request, data)
+            data, metadata, buffer = panel.preview_png, panel.metadata, panel.buffer
         # Timings vary run to run, so they go in the response metadata but not into the file: the same
         # request must give the same bytes.
-        return ImageResult(data, request.format, {**metadata, "timings_ms": timings.finish()}, pixels)
+        return ImageResult(data, picture.format, {**metadata, "timings_ms": timings.finish()}, pixels, buffer)
 
     def on_one_version(self, choice: UnetChoice, denoise: Callable[[str, int], T]) -> tuple[T, int]:
         """`denoise(model, version)` on the newest ready version of the chosen UNet, and that version.

@@ -14,7 +14,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from birdgen.model_folder import ModelDims
 from birdgen.stages import StageSpec, TensorSpec, image_sizes
 
-ENTRY_INPUT, ENTRY_OUTPUTS = "request", ("image", "metadata")
+# `eink_buffer`: the packed panel buffer of a format=eink request (`image` is its PNG preview), else empty.
+ENTRY_INPUT, ENTRY_OUTPUTS = "request", ("image", "eink_buffer", "metadata")
 # An empty string stands for a format the request did not ask for.
 ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
 # The streaming twin adds one JSON progress message per denoising step and decoded chunk.

@@ -19,6 +19,7 @@ from birdgen.client.cache import (
     DEFAULT_TTL_S,
     CacheEntry,
     CorruptEntryError,
+    Derivation,
     ResponseCache,
     cache_key,
     decode_entry,
@@ -28,7 +29,7 @@ from birdgen.schema import AnimationRequest, ImageRequest
 from tests.conftest import ROBIN
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401
 from tests.test_client import CLIP
-from tests.test_schema import CHANGES
+from tests.test_schema import CHANGES, with_change
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -132,7 +133,7 @@ def test_every_field_and_the_model_version_change_the_key() -> None:
     base = ImageRequest(**ROBIN)
     keys = {cache_key(base, VERSION), cache_key(base, "bird_image/2")}
     for field, value in changes.items():
-        keys.add(cache_key(ImageRequest(**{**ROBIN, field: value}), VERSION))
+        keys.add(cache_key(ImageRequest(**with_change(ROBIN, field, value)), VERSION))
     keys.add(cache_key(ImageRequest(**{**ROBIN, "format": "jpg"}), VERSION))  # jpeg: one more format
     assert len(keys) == len(changes) + 3
 
@@ -286,3 +287,56 @@ def test_caches_on_one_registry_share_its_counters(redis_server: RedisServer, re
     assert count(registry, "misses") == 1 and count(registry, "hits") == 1
     first.close()
     second.close()
+
+
+EINK_ROBIN = {**ROBIN, "format": "eink", "eink_panel": "400x300"}
+EINK_REQUEST = ImageRequest(**EINK_ROBIN)
+EINK_ENTRY = CacheEntry({"image": b"preview", "eink_buffer": b"\xff" * 8}, {"eink": {"panel": "400x300"}})
+
+
+def test_an_eink_option_changes_the_key_and_its_source_shares_the_png_key() -> None:
+    other_panel = ImageRequest(**{**EINK_ROBIN, "eink_panel": "296x128"})
+    keys = {cache_key(r, VERSION) for r in (EINK_REQUEST, other_panel, ImageRequest(**ROBIN))}
+    assert len(keys) == 3
+    assert cache_key(EINK_REQUEST.eink_source(), VERSION) == cache_key(ImageRequest(**ROBIN), VERSION)
+
+
+def test_a_miss_is_made_from_its_cached_source_without_generating(cache: ResponseCache, registry) -> None:
+    made: list[CacheEntry] = []
+    derive = Derivation(EINK_REQUEST.eink_source(), lambda source: made.append(source) or EINK_ENTRY)
+    generate = Generator(EINK_ENTRY)
+    # Source not cached: generated, and stored under the e-ink request's own key.
+    assert cache.get_or_generate(EINK_REQUEST, generate, model_version=VERSION, derive=derive) == EINK_ENTRY
+    assert generate.calls == 1 and not made
+    cache.get_or_generate(EINK_REQUEST.eink_source(), Generator(), model_version=VERSION)
+    other = ImageRequest(**EINK_ROBIN, eink_dither="ordered")
+    assert cache.get_or_generate(other, generate, model_version=VERSION, derive=derive) == EINK_ENTRY
+    assert generate.calls == 1 and made == [ENTRY]
+    assert cache.get_or_generate(other, Generator(fail=True), model_version=VERSION) == EINK_ENTRY
+
+    async def main() -> CacheEntry:
+        fourth = ImageRequest(**{**EINK_ROBIN, "eink_panel": "296x128"})
+        entry = await cache.aget_or_generate(fourth, generate.agenerate, model_version=VERSION, derive=derive)
+        await cache.aclose()
+        return entry
+
+    assert asyncio.run(main()) == EINK_ENTRY and generate.calls == 1 and made == [ENTRY, ENTRY]
+    assert (count(registry, "misses"), count(registry, "hits"), count(registry, "errors")) == (4, 1, 0)
+
+
+def test_a_derivation_that_fails_is_logged_and_generated_instead(
+    cache: ResponseCache, registry, caplog
+) -> None:
+    cache.get_or_generate(EINK_REQUEST.eink_source(), Generator(), model_version=VERSION)  # not an image
+
+    def unreadable(source: CacheEntry) -> CacheEntry:
+        raise ValueError("not a readable image")
+
+    generate = Generator(EINK_ENTRY)
+    derive = Derivation(EINK_REQUEST.eink_source(), unreadable)
+    with caplog.at_level(logging.WARNING):
+        assert (
+            cache.get_or_generate(EINK_REQUEST, generate, model_version=VERSION, derive=derive) == EINK_ENTRY
+        )
+    assert generate.calls == 1 and count(registry, "errors") == 1
+    assert "not a readable image" in caplog.text

@@ -51,6 +51,25 @@ def test_generate_image_writes_the_file_and_prints_metadata(server, tmp_path: Pa
 
 
 @pytest.mark.triton
+def test_generate_eink_writes_the_preview_and_the_buffer(server, tmp_path: Path) -> None:
+    eink = ["--format", "eink", "--eink-panel", "400x300", "--eink-dither", "ordered"]
+    done = run(
+        "generate", "image", "--url", server.grpc_url, *ROBIN_ARGS, *eink, "--out", str(tmp_path / "robin")
+    )
+    assert done.returncode == 0, done.stderr
+    request = {"species": "American Robin", "scientific_name": "Turdus migratorius", "pose": "perched"}
+    with BirdClient(server.grpc_url) as client:
+        expected = client.generate_image(
+            **request, season="spring", seed=42, steps=1, width=256, height=256,
+            format="eink", eink_panel="400x300", eink_dither="ordered",
+        )  # fmt: skip
+    assert (tmp_path / "robin.png").read_bytes() == expected.data
+    assert (tmp_path / "robin.bin").read_bytes() == expected.buffer
+    assert json.loads(done.stdout)["eink"]["layout"]["row_bytes"] == 50
+    assert "robin.bin (15000 bytes, 400x300, 1-bit)" in done.stderr
+
+
+@pytest.mark.triton
 def test_generate_with_prompt_override(server, tmp_path: Path) -> None:
     out = tmp_path / "robin.webp"
     done = run(

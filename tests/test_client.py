@@ -41,7 +41,14 @@ from tests.redis_fixture import RedisServer, redis_server  # noqa: F401
 
 # tests.test_animation's clip, without importing torch with it.
 FAST = RetryPolicy(max_attempts=4, base_s=0.01, max_s=0.05)
-FILES = {"image": b"fake image", "webp": b"RIFF fake", "gif": b"", "poster": b"fake poster"}
+# bird_image's and bird_animation's outputs; an empty one is a file the request did not ask for.
+FILES = {
+    "image": b"fake image",
+    "eink_buffer": b"",
+    "webp": b"RIFF fake",
+    "gif": b"",
+    "poster": b"fake poster",
+}
 
 
 class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from birdgen.eink import (
-    DITHERS,
-    FITS,
-    PRESETS,
-    EinkPresets,
-    EinkResult,
-    pack_buffer,
-    render_eink,
-    row_bytes,
-    unpack_buffer,
-)
+from birdgen.eink import EinkResult, pack_buffer, render_eink, row_bytes, unpack_buffer
+from birdgen.eink_panels import DITHERS, FITS, PRESETS, EinkPresets
 from birdgen.media import DIGITAL_SOURCE_TYPE, PNG_XMP_KEY, encode_image, read_metadata
 from birdgen.prompts import DataFileError
 from birdgen.schema import RequestError
@@ -287,7 +278,7 @@ def test_contain_letterboxes_with_white() -> None:
         ("palette", {"palette": "7colour"}, "7colour", ["bw", "grey4"]),
         ("dither", {"dither": "atkinson"}, "atkinson", list(DITHERS)),
         ("fit", {"fit": "stretch"}, "stretch", list(FITS)),
-        ("dither", {"dither": None}, None, list(DITHERS)),
+        ("dither", {"dither": 3}, 3, list(DITHERS)),
     ],
 )
 def test_bad_names_raise_request_error(field: str, options: dict, value: object, allowed: list[str]) -> None:
@@ -298,6 +289,12 @@ def test_bad_names_raise_request_error(field: str, options: dict, value: object,
     for name in allowed:
         assert name in caught.value.allowed
     assert str(caught.value).startswith(f"invalid {field!r}")
+
+
+def test_none_picks_the_defaults() -> None:
+    data = _png(_gradient())
+    chosen = render_eink(data, "296x128", palette=None, dither=None, fit=None)
+    assert chosen == render_eink(data, "296x128", palette="bw", dither="floyd-steinberg", fit="subject")
 
 
 def test_names_ignore_case_and_spaces() -> None:
@@ -323,6 +320,7 @@ def test_preview_keeps_the_ai_label_and_adds_the_eink_settings() -> None:
         "height": 300,
         "bits_per_pixel": 2,
         "crop": [0, 0, 400, 300],
+        "layout": result.layout,
     }
     with Image.open(io.BytesIO(result.preview_png)) as preview:
         assert preview.format == "PNG" and preview.size == (400, 300)

@@ -25,6 +25,7 @@ from birdgen.client import (
     BirdClient,
     BirdgenError,
     GeneratedAnimation,
+    GeneratedEink,
     GeneratedImage,
     GenerationError,
     InvalidRequestError,
@@ -38,6 +39,8 @@ from birdgen.pregenerate import (
     SAMPLE_CATALOGUE,
     Plan,
     Summary,
+    WorkItem,
+    output_files,
     pregenerate,
     pregenerate_catalogue,
     read_catalogue,
@@ -346,3 +349,12 @@ def test_a_real_run_writes_labelled_files_and_warms_the_cache_the_client_reads(
     assert requests_served(server.grpc_url, "bird_image") == served  # Triton was not asked
     assert registry.get_sample_value("birdgen_cache_hits_total", {"kind": "image"}) == 1
     assert image.data == (out / "image" / "amerob.png").read_bytes()
+
+
+def test_an_eink_item_writes_its_buffer_beside_the_preview() -> None:
+    request = ImageRequest(species="Blue Tit", format="eink", eink_panel="296x128")
+    result = GeneratedEink(b"preview", "png", {}, b"buffer", 296, 128, 1, "296x128", "bw")
+    assert output_files(WorkItem("image", "blutit", request), result) == {
+        "image": ("image/blutit.png", b"preview"),
+        "eink_buffer": ("image/blutit.bin", b"buffer"),
+    }

@@ -14,12 +14,14 @@ from birdgen.prompts import DataFileError, PromptLibrary
 from birdgen.schema import (
     CATALOGUE,
     DEFAULT_LIMITS,
+    EINK_FIELDS,
     LIMITS,
     MISSING,
     OUTPUT_CHOICES,
     ImageRequest,
     Limits,
     RequestError,
+    parse_animation_request,
     parse_image_request,
 )
 
@@ -45,7 +47,7 @@ def test_limits_file_matches_the_contract() -> None:
     assert (LIMITS.steps.min, LIMITS.steps.max, LIMITS.steps.default) == (1, 4, 1)
     assert (LIMITS.seed.min, LIMITS.seed.max) == (0, 2**63 - 1)
     assert (LIMITS.max_length.name, LIMITS.max_length.species_id, LIMITS.max_length.prompt) == (100, 64, 1000)
-    assert LIMITS.formats == ["png", "webp", "jpeg"] and LIMITS.default_format == "png"
+    assert LIMITS.formats == ["png", "webp", "jpeg", "eink"] and LIMITS.default_format == "png"
     assert "families" not in Limits.model_fields  # family groups live in the catalogue alone
 
 
@@ -142,7 +144,7 @@ BAD = [
     ({"seed": -1}, "seed", "an integer 0..9223372036854775807"),
     ({"seed": 2**63}, "seed", "an integer 0..9223372036854775807"),
     ({"seed": 1.5}, "seed", "an integer 0..9223372036854775807"),
-    ({"format": "gif"}, "format", "png, webp, jpeg"),
+    ({"format": "gif"}, "format", "png, webp, jpeg, eink"),
     ({"prompt": "p" * 1001}, "prompt", "at most 1000 characters"),
     ({"negative_prompt": "n" * 1001}, "negative_prompt", "at most 1000 characters"),
     ({"negative_prompt": 3}, "negative_prompt", "at most 1000 characters"),
@@ -227,10 +229,12 @@ def test_canonical_json_is_sorted_compact_complete_and_unescaped() -> None:
     request = ImageRequest(species="Mésange charbonnière", scientific_name="Parus major")
     text = request.canonical_json()
     data = json.loads(text)
-    assert list(data) == sorted(FIELD_NAMES)
+    assert list(data) == sorted(set(FIELD_NAMES) - set(EINK_FIELDS))  # those only with format eink
     assert ", " not in text and ": " not in text
     assert "Mésange charbonnière" in text
     assert data["seed"] is None and data["width"] == 512
+    eink = json.loads(ImageRequest(**ROBIN, **EINK_PANEL).canonical_json())
+    assert list(eink) == sorted(FIELD_NAMES)
 
 
 def test_canonical_json_ignores_field_order_casing_and_spacing() -> None:
@@ -259,6 +263,7 @@ def test_canonical_json_ignores_field_order_casing_and_spacing() -> None:
     )
 
 
+EINK_PANEL = {"format": "eink", "eink_panel": "296x128"}
 CHANGES = {
     "species": "Northern Cardinal",
     "scientific_name": "Cardinalis cardinalis",
@@ -273,19 +278,29 @@ CHANGES = {
     "height": 768,
     "steps": 4,
     "format": "webp",
+    "eink_panel": EINK_PANEL,
+    "eink_palette": {**EINK_PANEL, "eink_palette": "grey4"},
+    "eink_dither": {**EINK_PANEL, "eink_dither": "ordered"},
+    "eink_fit": {**EINK_PANEL, "eink_fit": "cover"},
     "prompt": "a robin",
     "negative_prompt": "cats",
 }
 
 
+def with_change(fields: dict, field: str, value: object) -> dict:
+    """`fields` with `field` changed to `value`; a dict value changes several fields together (an
+    e-ink option comes with the format that takes it)."""
+    return {**fields, **(value if isinstance(value, dict) else {field: value})}
+
+
 def assert_every_field_counts(kind: type, fields: dict, changes: dict) -> None:
     """Each change alters the canonical JSON (cache keys); each but an output choice (format, poster
-    frame) alters the derived seed, so only what is drawn picks the picture."""
+    frame, e-ink options) alters the derived seed, so only what is drawn picks the picture."""
     assert set(changes) == set(kind.model_fields) - {"seed"}
     base = kind(**fields)
     texts, seeds = {base.canonical_json()}, {base.resolved_seed()}
     for field, value in changes.items():
-        changed = kind(**{**fields, field: value})
+        changed = kind(**with_change(fields, field, value))
         texts.add(changed.canonical_json())
         if field in OUTPUT_CHOICES:
             assert changed.resolved_seed() == base.resolved_seed(), field
@@ -333,7 +348,7 @@ BROKEN_LIMITS = [
     ("format_aliases: {jpg: jpeg}", "format_aliases: {jpg: jpeg2000}", "format_aliases.jpg"),
     ("format_aliases: {jpg: jpeg}", "format_aliases: {jpg: jpeg}\nfamilies: [Passeriformes]", "families"),
     ("  prompt: 1000", "  prompt: '1000'", "max_length.prompt"),
-    ("formats: [png, webp, jpeg]", "formats: [png, webp, jpeg", "limits.yaml"),
+    ("formats: [png, webp, jpeg, eink]", "formats: [png, webp, jpeg, eink", "limits.yaml"),
 ]
 
 
@@ -347,3 +362,72 @@ def test_broken_limits_file_names_the_bad_entry(tmp_path: Path, old: str, new: s
         Limits.load(path)
     path.write_text(text)
     assert Limits.load(path) == LIMITS
+
+
+# -- format=eink ---------------------------------------------------------------------------------------
+def test_eink_options_are_canonical_with_their_defaults_filled_in() -> None:
+    request = ImageRequest(**ROBIN, format=" EINK ", eink_panel="400X300 ")
+    assert (
+        request.format,
+        request.eink_panel,
+        request.eink_palette,
+        request.eink_dither,
+        request.eink_fit,
+    ) == (
+        "eink",
+        "400x300",
+        "bw",  # the panel's first palette
+        "floyd-steinberg",
+        "subject",
+    )
+    spelt_out = {"eink_palette": "BW", "eink_dither": "Floyd-Steinberg", "eink_fit": "subject"}
+    assert ImageRequest(**ROBIN, **EINK_PANEL, **spelt_out).eink_panel == "296x128"
+    assert (
+        ImageRequest(**ROBIN, format="eink", eink_panel="400x300", **spelt_out).canonical_json()
+        == request.canonical_json()
+    )
+
+
+EINK_BAD = [
+    ({"format": "eink"}, "eink_panel", MISSING, ["296x128", "400x300", "800x480", "800x480-7colour"]),
+    ({"format": "eink", "eink_panel": "640x384"}, "eink_panel", "640x384", ["296x128", "800x480-7colour"]),
+    ({**EINK_PANEL, "eink_palette": "7colour"}, "eink_palette", "7colour", ["bw, grey4", "panel 296x128"]),
+    (
+        {**EINK_PANEL, "eink_dither": "atkinson"},
+        "eink_dither",
+        "atkinson",
+        ["floyd-steinberg, ordered, none"],
+    ),
+    ({**EINK_PANEL, "eink_fit": "stretch"}, "eink_fit", "stretch", ["subject, cover, contain"]),
+    ({**EINK_PANEL, "eink_fit": 3}, "eink_fit", 3, ["subject, cover, contain"]),
+    # An e-ink option with another format would be ignored: refused instead.
+    ({"eink_panel": "400x300"}, "eink_panel", "400x300", ["with format eink", "with any other format: null"]),
+    ({"format": "webp", "eink_dither": "ordered"}, "eink_dither", "ordered", ["with any other format: null"]),
+]
+
+
+@pytest.mark.parametrize(("fields", "field", "value", "allowed"), EINK_BAD)
+def test_bad_eink_options_name_the_field_and_what_is_allowed(
+    fields: dict, field: str, value: object, allowed: list[str]
+) -> None:
+    error = error_for({**ROBIN, **fields})
+    assert (error.field, error.value) == (field, value)
+    for text in allowed:
+        assert text in error.allowed
+
+
+def test_eink_options_keep_the_seed_and_the_source_is_the_png_request() -> None:
+    png = ImageRequest(**ROBIN)
+    requests = [
+        ImageRequest(**ROBIN, **EINK_PANEL, eink_palette="grey4", eink_dither="ordered"),
+        ImageRequest(**ROBIN, format="eink", eink_panel="800x480-7colour", eink_fit="contain"),
+    ]
+    for request in requests:
+        assert request.resolved_seed() == png.resolved_seed()
+        assert request.eink_source() == png
+        assert request.eink_source().canonical_json() == png.canonical_json()
+
+
+def test_animation_requests_have_no_eink_options() -> None:
+    with pytest.raises(RequestError, match="invalid 'eink_panel'"):
+        parse_animation_request({**ROBIN, "eink_panel": "400x300"})

@@ -29,7 +29,7 @@ from tests.test_schema import assert_every_field_counts
 ROBIN = {"species": "American Robin", "scientific_name": "Turdus migratorius"}
 FIELD_NAMES = list(AnimationRequest.model_fields)
 
-# Computed before the animation request existed: sharing fields with it must not move an image.
+# Computed before the animation request (and the e-ink options) existed: neither may move an image.
 ROBIN_IMAGE_SEED = 2668404154226955910
 ROBIN_IMAGE_JSON = (
     '{"family":null,"format":"png","habitat":null,"height":512,"lighting":"golden-hour",'
@@ -51,6 +51,10 @@ IMAGE_FIELDS = [
     "steps",
     "seed",
     "format",
+    "eink_panel",
+    "eink_palette",
+    "eink_dither",
+    "eink_fit",
     "prompt",
     "negative_prompt",
 ]

@@ -1,7 +1,8 @@
 """Triton python model `bird_image`: the public entry point, a JSON request in, image + metadata out.
 
 Thin adapter over birdgen.ensemble.pipeline.ImagePipeline, which runs the denoising loop and calls the
-engine stages through BLS (so their dynamic batchers merge concurrent requests).
+engine stages through BLS (so their dynamic batchers merge concurrent requests). `eink_buffer` holds
+the packed panel buffer of a format=eink request (`image` is then its PNG preview), else is empty.
 """
 
 # birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
@@ -26,5 +27,6 @@ class TritonPythonModel:
         result = self.pipeline(parse_image_request(read_bytes(pb_utils, request, "request")))
         return [
             bytes_tensor(pb_utils, "image", result.data),
+            bytes_tensor(pb_utils, "eink_buffer", result.eink_buffer),
             bytes_tensor(pb_utils, "metadata", json.dumps(result.metadata, sort_keys=True)),
         ]
