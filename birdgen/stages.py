@@ -56,6 +56,9 @@ class StageSpec:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     # Batch sizes the dynamic batcher should aim for and how long it may hold a request to form them.
+    # No stage waits: requests that queue while an instance is busy still form the next batch, so
+    # batches grow with load by themselves, and a wait would only delay a request finding the
+    # instance idle (at concurrency 1 the UNet's former 2 ms per step was most of Triton's overhead).
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
     dynamic_axes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (min, opt, max)
@@ -95,7 +98,6 @@ def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
             outputs=(TensorSpec("hidden_states", "FP32", (tokens, dims.text_hidden)),),
             max_batch_size=8,
             preferred_batch_sizes=(4, 8),
-            max_queue_delay_us=500,
         ),
         StageSpec(
             name="text_encoder_2",
@@ -106,7 +108,6 @@ def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
             ),
             max_batch_size=8,
             preferred_batch_sizes=(4, 8),
-            max_queue_delay_us=500,
         ),
         StageSpec(
             name="unet",
@@ -119,10 +120,8 @@ def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
             ),
             outputs=(TensorSpec("noise_pred", "FP32", latent_spec),),
             max_batch_size=8,
-            # Concurrent requests at the same size and step merge here; 2 ms of waiting costs less than
-            # the UNet pass it saves under load, and is skipped when a preferred size is already queued.
+            # Concurrent requests at the same size and step merge here.
             preferred_batch_sizes=(4, 8),
-            max_queue_delay_us=2000,
             dynamic_axes=latent_hw,
         ),
         StageSpec(
@@ -132,7 +131,6 @@ def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
             outputs=(TensorSpec("image", "UINT8", ("image_height", "image_width", 3)),),
             max_batch_size=4,
             preferred_batch_sizes=(2, 4),
-            max_queue_delay_us=1000,
             dynamic_axes=latent_hw,
         ),
     ]
@@ -165,7 +163,6 @@ def motion_unet_spec(dims: ModelDims, max_frames: int) -> StageSpec:
         outputs=(TensorSpec("noise_pred", "FP32", clip),),
         max_batch_size=1,
         preferred_batch_sizes=(),
-        max_queue_delay_us=0,
         dynamic_axes={
             **unet.dynamic_axes,
             "frames": (2, CONTEXT_LENGTH, max_frames),

@@ -28,6 +28,11 @@ class OnnxRuntimeEngine(Engine):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Each stage runs in its own python-backend process. Spinning worker threads (ORT's default)
+        # keep burning the cores for a while after every run, starving the stage that runs next: on
+        # the 2-core machine a served 256² request took 198 ms with spinning and 146 ms without.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
