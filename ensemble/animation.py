@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import EulerAncestralDiscreteScheduler
 
 from birdgen.ensemble.free_noise import context_windows, shuffle_context_noise
 from birdgen.ensemble.pipeline import ImagePipeline, Timings
@@ -78,9 +77,7 @@ class AnimationPipeline(ImagePipeline):
         progress: Callable[[str, int, int], None] | None = None,
     ) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(seed)
-        scheduler = EulerAncestralDiscreteScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(request.steps)
-        scheduler.set_begin_index(0)
+        scheduler = self.new_scheduler(request.steps)
         frames = request.num_frames
         latents = self.prepare_latents(
             request.height, request.width, generator, scheduler.init_noise_sigma, frames=frames

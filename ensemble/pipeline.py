@@ -10,6 +10,7 @@ seed gives the same image. Only the scheduler math runs here; the heavy models r
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -144,7 +145,10 @@ class ImagePipeline:
             CLIPTokenizer.from_pretrained(bundle_dir / "tokenizer"),
             CLIPTokenizer.from_pretrained(bundle_dir / "tokenizer_2"),
         )
-        self.scheduler_config = EulerAncestralDiscreteScheduler.load_config(bundle_dir / "scheduler")
+        # Built once and copied per request: from_config inspects signatures (~1.5 ms a request).
+        self.scheduler = EulerAncestralDiscreteScheduler.from_config(
+            EulerAncestralDiscreteScheduler.load_config(bundle_dir / "scheduler")
+        )
         self.runner = TimedRunner(runner)
         self.prompts = prompts or PromptLibrary.load()
         # bundle_dir is <repository>/bird_image/<version>
@@ -206,6 +210,13 @@ class ImagePipeline:
             "lora": self.router.lora(choice.model, version),
         }
 
+    def new_scheduler(self, steps: int) -> EulerAncestralDiscreteScheduler:
+        """A fresh scheduler for one request's `steps` (schedulers keep per-run state)."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps)
+        scheduler.set_begin_index(0)
+        return scheduler
+
     def denoise(
         self,
         request: ImageRequest,
@@ -217,9 +228,7 @@ class ImagePipeline:
     ) -> torch.Tensor:
         """prepare_latents and the Euler-ancestral loop, the generator drawing in the pipeline's order."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        scheduler = EulerAncestralDiscreteScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(request.steps)
-        scheduler.set_begin_index(0)
+        scheduler = self.new_scheduler(request.steps)
         latents = self.prepare_latents(request.height, request.width, generator, scheduler.init_noise_sigma)
         time_ids = np.array(
             [[request.height, request.width, 0, 0, request.height, request.width]], np.float32
