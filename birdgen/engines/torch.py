@@ -281,6 +281,8 @@ class TorchKind(EngineKind):
         target = torch.device(device)
         if target.type != "cuda":
             return TorchEngine(spec, module, target)
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(target)  # one Triton instance per process: graphs and streams on its GPU
         settings = recipe["settings"]
         options = TorchSettings(**{**settings, "captured_sizes_px": tuple(settings["captured_sizes_px"])})
