@@ -53,6 +53,7 @@ def _export(args: argparse.Namespace) -> int:
         args.model_dir,
         args.out,
         engine=args.engine,
+        device=args.device,
         loras=dict(_family_lora(value) for value in args.lora),
         motion_adapter=args.motion_adapter,
         max_frames=args.max_frames,
@@ -251,6 +252,8 @@ def _add_request_arguments(parser: argparse.ArgumentParser, request: type) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from birdgen.engines import ENGINE_KINDS  # no torch: the kinds import theirs when used
+
     parser = argparse.ArgumentParser(prog="birdgen", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -265,7 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="export a diffusers SDXL folder to a Triton model repository")
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, default=DEFAULT_REPO)
-    p.add_argument("--engine", default="onnxruntime")
+    p.add_argument("--engine", default="onnxruntime", choices=ENGINE_KINDS)
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where the stages are hosted (torch: KIND_GPU fp16 with CUDA graphs on cuda; "
+        "default: cuda when this machine has one, cpu for onnxruntime)",
+    )
     p.add_argument(
         "--entry-instances",
         type=int,

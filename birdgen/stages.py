@@ -8,6 +8,7 @@ dynamic: Triton's dynamic batcher merges requests along it. No torch here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,9 @@ NUMPY_TYPES: dict[str, type[np.generic]] = {
 
 # The image size engines are tuned and warmed up for (TensorRT's "opt" profile point).
 COMMON_SIZE_PX = 512
+# Square image sizes engines that prepare work per shape (CUDA graphs) prepare at load: SDXL-Turbo's
+# own size and SDXL's. Other sizes still run, without that preparation.
+CAPTURED_SIZES_PX = (COMMON_SIZE_PX, 1024)
 
 
 # The motion UNet's FreeNoise inputs: each window's frame indices, and how windows blend into frames.
@@ -193,3 +197,25 @@ def image_sizes(dims: ModelDims, latent_height: int, latent_width: int, frames: 
         "image_height": latent_height * dims.vae_scale_factor,
         "image_width": latent_width * dims.vae_scale_factor,
     }
+
+
+def captured_sizes(spec: StageSpec, sizes_px: Sequence[int] = CAPTURED_SIZES_PX) -> list[dict[str, int]]:
+    """The named-axis sizes a per-shape engine prepares at load: each square size in `sizes_px` the
+    stage accepts, at the default clip length; one empty entry for a stage without named axes.
+
+    No ModelDims here (engines load from the spec alone): the spec's opt point is COMMON_SIZE_PX in
+    latents, which gives the VAE factor.
+    """
+    if "latent_height" not in spec.dynamic_axes:
+        return [{}]
+    low, opt, high = spec.dynamic_axes["latent_height"]
+    factor = COMMON_SIZE_PX // opt
+    clip: dict[str, int] = {}
+    if "frames" in spec.dynamic_axes:
+        windows, length = context_windows(CONTEXT_LENGTH)[0].shape
+        clip = {"frames": CONTEXT_LENGTH, "windows": windows, "window_length": length}
+    return [
+        {"latent_height": px // factor, "latent_width": px // factor, **clip}
+        for px in sizes_px
+        if low <= px // factor <= high
+    ]

@@ -26,6 +26,16 @@ Tensors = dict[str, np.ndarray]
 _GONE = ("unknown model", "not ready", "not at ready state", "is not found", "unavailable")
 
 
+def host_array(tensor: Any) -> np.ndarray:
+    """A BLS output as numpy. A GPU stage answers in GPU memory, which `as_numpy` cannot read: that
+    one comes over through DLPack (the scheduler works on the host)."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    import torch
+
+    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+
 class StageError(RuntimeError):
     """An engine stage failed; the entry model reports it as an internal error for that request only."""
 
@@ -107,7 +117,7 @@ class BlsRunner:
             gone = any(text in message.lower() for text in _GONE)
             raise (ModelUnavailable if gone else StageError)(f"stage '{stage}' failed: {message}")
         return {
-            t.name: self.pb.get_output_tensor_by_name(response, t.name).as_numpy()
+            t.name: host_array(self.pb.get_output_tensor_by_name(response, t.name))
             for t in self.specs[stage].outputs
         }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from birdgen.engines import Engine, engine_kind
+from birdgen.engines import Engine, TensorEngine, engine_kind
 from birdgen.schema import RequestError
 from birdgen.stages import StageSpec, repository_specs
 
@@ -100,6 +100,26 @@ class TimedEngine(Engine):
             self.add_seconds(time.perf_counter() - start)
 
 
+class TimedTensorEngine(TimedEngine, TensorEngine):
+    """A TimedEngine that keeps the tensor path of the engine it times."""
+
+    engine: TensorEngine
+
+    def infer_tensors(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            return self.engine.infer_tensors(inputs)
+        finally:
+            self.add_seconds(time.perf_counter() - start)
+
+
+def timed(engine: Engine, add_seconds: Callable[[float], None]) -> TimedEngine:
+    """`engine` with its run time added to a counter, its tensor path kept where it has one."""
+    if isinstance(engine, TensorEngine):
+        return TimedTensorEngine(engine, add_seconds)
+    return TimedEngine(engine, add_seconds)
+
+
 def engine_seconds_metric(pb: Any, args: dict[str, str]) -> tuple[Any, Any]:
     """The ENGINE_SECONDS counter family and this model instance's counter in it; keep both alive
     together (python_backend wants a family to outlive its metrics).
@@ -121,22 +141,43 @@ def engine_seconds_metric(pb: Any, args: dict[str, str]) -> tuple[Any, Any]:
 
 
 def run_batched(pb: Any, spec: StageSpec, engine: Engine, requests: Sequence[Any]) -> list[Any]:
-    """Run the requests the dynamic batcher merged as one engine call, then split the outputs back."""
+    """Run the requests the dynamic batcher merged as one engine call, then split the outputs back.
+
+    A TensorEngine gets Triton's tensors through DLPack where they are (a GPU stage's inputs stay on
+    the GPU) and hands its outputs back the same way; any other engine works on numpy.
+    """
+    if isinstance(engine, TensorEngine):
+        import torch
+
+        def read(tensor: Any) -> Any:
+            return torch.from_dlpack(tensor.to_dlpack())
+
+        def write(name: str, value: Any) -> Any:
+            return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+
+        merge: Callable[[list[Any]], Any] = torch.cat
+        run: Callable[[dict[str, Any]], dict[str, Any]] = engine.infer_tensors
+    else:
+
+        def read(tensor: Any) -> Any:
+            return tensor.as_numpy()
+
+        def write(name: str, value: Any) -> Any:
+            return pb.Tensor(name, np.ascontiguousarray(value))
+
+        merge, run = np.concatenate, engine.infer
     try:
         per_request = [
-            {t.name: pb.get_input_tensor_by_name(r, t.name).as_numpy() for t in spec.inputs} for r in requests
+            {t.name: read(pb.get_input_tensor_by_name(r, t.name)) for t in spec.inputs} for r in requests
         ]
         sizes = [len(inputs[spec.inputs[0].name]) for inputs in per_request]
-        merged = {t.name: np.concatenate([inputs[t.name] for inputs in per_request]) for t in spec.inputs}
-        outputs = engine.infer(merged)
+        merged = {t.name: merge([inputs[t.name] for inputs in per_request]) for t in spec.inputs}
+        outputs = run(merged)
     except Exception as exc:
         return [error_response(pb, exc) for _ in requests]
     responses, offset = [], 0
     for size in sizes:
-        tensors = [
-            pb.Tensor(t.name, np.ascontiguousarray(outputs[t.name][offset : offset + size]))
-            for t in spec.outputs
-        ]
+        tensors = [write(t.name, outputs[t.name][offset : offset + size]) for t in spec.outputs]
         responses.append(pb.InferenceResponse(output_tensors=tensors))
         offset += size
     return responses

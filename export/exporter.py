@@ -221,6 +221,7 @@ def export_repository(
     model_dir: Path,
     out: Path,
     engine: str = "onnxruntime",
+    device: str | None = None,
     loras: Mapping[str, Path] | None = None,
     motion_adapter: Path | None = None,
     max_frames: int | None = None,
@@ -237,7 +238,7 @@ def export_repository(
     The AnimateDiff motion UNet is exported when a motion adapter is given or the folder has one
     (`<model_dir>/motion_adapter`, where the tiny model writes it); `max_frames` caps its clips below
     the request limit where GPU memory is short, and like the families it stays as an earlier export
-    set it unless given again.
+    set it unless given again. `device` is where the stages will be hosted (see `engine_kind`).
     """
 
     from birdgen.catalogue import Catalogue
@@ -248,7 +249,7 @@ def export_repository(
     model_dir, out = Path(model_dir).resolve(), Path(out)
     check_model_folder(model_dir)
     dims = ModelDims.from_folder(model_dir)
-    kind = engine_kind(engine)
+    kind = engine_kind(engine, device)
     families = _canonical_families(loras or {}, Catalogue.load())
     lora_infos = validate_loras(model_dir, families)
     old = _read_manifest(out)

@@ -1,7 +1,7 @@
 """The engine-kind interface: how a stage is built from its torch module, and how it runs.
 
-The scheduler never sees an engine: it calls Triton models by stage name. Each kind (onnxruntime
-here; torch and tensorrt in their own modules) implements build + load, and says how Triton should
+The scheduler never sees an engine: it calls Triton models by stage name. Each kind (onnxruntime and
+torch here; tensorrt in its own module later) implements build + load, and says how Triton should
 host it, so adding a kind touches only its module and the registry.
 """
 
@@ -10,11 +10,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from birdgen.stages import StageSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Engine(ABC):
@@ -25,12 +28,28 @@ class Engine(ABC):
         raise NotImplementedError
 
 
+class TensorEngine(Engine):
+    """An engine that also runs on torch tensors wherever they are (CPU or GPU).
+
+    Why: a stage model can then take Triton's tensors and hand its outputs back through DLPack, so a
+    GPU stage's tensors never make a round trip through host memory.
+    """
+
+    @abstractmethod
+    def infer_tensors(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs on the engine's device, in the spec's dtypes."""
+        raise NotImplementedError
+
+
 class EngineKind(ABC):
     """Build and load side of one engine kind."""
 
     name: ClassVar[str]
-    # Settings that change what `build` writes; they key the export cache with the source files.
-    settings: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Settings that change what `build` writes; they key the export cache with the source files."""
+        return {}
 
     @abstractmethod
     def build(

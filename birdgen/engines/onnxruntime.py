@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +90,10 @@ def export_onnx(spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], 
 
 class OnnxRuntimeKind(EngineKind):
     name = "onnxruntime"
-    settings: ClassVar[dict[str, Any]] = {"opset": OPSET, "exporter": "torch.onnx.dynamo"}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"opset": OPSET, "exporter": "torch.onnx.dynamo"}
 
     def build(
         self, spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], out_dir: Path

@@ -8,14 +8,14 @@ birdgen.ensemble.triton_model.
 
 import triton_python_backend_utils as pb_utils
 
-from birdgen.ensemble.triton_model import TimedEngine, engine_seconds_metric, load_stage, run_batched
+from birdgen.ensemble.triton_model import engine_seconds_metric, load_stage, run_batched, timed
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.spec, engine = load_stage(args)
         self.metric_family, metric = engine_seconds_metric(pb_utils, args)
-        self.engine = TimedEngine(engine, metric.increment)
+        self.engine = timed(engine, metric.increment)
 
     def finalize(self) -> None:
         del self.engine  # its metric first, then the family
