@@ -13,6 +13,7 @@ from birdgen.benchmarks.scenarios import (
     GPU_SCENARIOS,
     parse_scenarios,
 )
+from birdgen.engines import ENGINE_KINDS  # no torch: a kind imports its libraries when used
 
 WORK_DIR = Path("outputs/bench")  # built models and repositories
 
@@ -62,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--preset", default="mini", help="random-weight model to build when no --model-dir")
     where.add_argument("--model-dir", type=Path, help="a diffusers SDXL folder (real or random weights)")
     where.add_argument("--repository", type=Path, help="export into / serve this repository")
+    where.add_argument(
+        "--engine",
+        choices=ENGINE_KINDS,
+        help="engine kind to export and serve (default: torch on a GPU, onnxruntime on a CPU)",
+    )
     where.add_argument("--url", help="benchmark this running server (gRPC host:port) instead of starting one")
     where.add_argument("--metrics-url", help="its Prometheus URL, for the time split (with --url)")
     where.add_argument("--redis-url", help="Redis for the cached scenario (default: a local redis-server)")

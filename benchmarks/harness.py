@@ -64,6 +64,7 @@ class BenchSettings:
     preset: str = "mini"
     model_dir: Path | None = None
     repository: Path | None = None
+    engine: str | None = None  # None: torch on a GPU, onnxruntime on a CPU
     url: str | None = None
     metrics_url: str | None = None
     redis_url: str | None = None
@@ -141,11 +142,15 @@ def served(settings: BenchSettings, model_dir: Path, log: Log) -> Iterator[Targe
     if settings.url is not None:
         yield Target(settings.url, settings.metrics_url, None, None)
         return
+    import torch
+
     from birdgen.export.exporter import core_models, export_repository
     from birdgen.server import TritonServer
 
-    repository = settings.repository or settings.work_dir / f"{model_dir.name}-repository"
-    manifest = export_repository(model_dir, repository, progress=lambda m: log(f"export: {m}"))
+    engine = settings.engine or ("torch" if torch.cuda.is_available() else "onnxruntime")
+    suffix = "" if engine == "onnxruntime" else f"-{engine}"
+    repository = settings.repository or settings.work_dir / f"{model_dir.name}-repository{suffix}"
+    manifest = export_repository(model_dir, repository, engine, progress=lambda m: log(f"export: {m}"))
     with TritonServer(repository, model_control="explicit", load_models=core_models(repository)) as server:
         log(f"tritonserver ready at {server.grpc_url}")
         yield Target(server.grpc_url, server.metrics_url, server.pid, manifest["engine"])
