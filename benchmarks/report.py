@@ -268,7 +268,7 @@ def markdown(results: dict[str, Any]) -> str:
             "entry's own work",
             "compute",
             "Triton overhead",
-            "of which batcher delay",
+            "of which stage queues",
             "BLS + stub transfers",
             "client, gRPC, entry queue",
         ],
@@ -278,8 +278,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "served = compute + Triton overhead. Engines: time inside the stage engines "
         "(birdgen_stage_engine_seconds). Entry's own work: prompt, tokenizers, scheduler maths and "
-        "encoding in the entry model (timings_ms total − stage_calls). Batcher delay: Triton's queue "
-        "time in the stage models (max_queue_delay while waiting for batch-mates).",
+        "encoding in the entry model (timings_ms total − stage_calls). Stage queues: Triton's queue "
+        "time in the stage models (waiting for a busy instance: no stage holds a request for batch-mates).",
     ]
     skipped = [
         f"- {name} {mode}: {b['skipped']}"

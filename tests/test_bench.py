@@ -61,7 +61,7 @@ def test_overhead_is_latency_minus_engine_and_entry_work() -> None:
     split = stats.overhead_breakdown(100.0, timings, engine_ms=60.0, stage_queue_ms=3.0)
     assert split["entry_own_ms"] == 20.0 and split["compute_ms"] == 80.0
     assert split["triton_overhead_ms"] == 20.0
-    # The overhead's parts add up to it: gRPC + entry queue, batcher delay, BLS + transfers.
+    # The overhead's parts add up to it: gRPC + entry queue, stage queues, BLS + transfers.
     parts = split["grpc_and_entry_queue_ms"] + split["stage_queue_ms"] + split["bls_and_transfer_ms"]
     assert parts == pytest.approx(split["triton_overhead_ms"])
     unknown = stats.overhead_breakdown(100.0, timings, engine_ms=None, stage_queue_ms=3.0)
