@@ -1,4 +1,4 @@
-"""The `birdgen` command: tiny-model, export, serve, generate, demo, pregenerate.
+"""The `birdgen` command: tiny-model, export, serve, entrypoint, generate, demo, pregenerate.
 
 Errors a user can fix (bad request, missing model part, server down) print one line and exit 2;
 no traceback. Heavy imports happen inside the subcommand that needs them, so `birdgen generate`
@@ -308,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.set_defaults(run=_serve)
+
+    from birdgen import entrypoint
+
+    p = commands.add_parser(
+        "entrypoint",
+        help="the server image's start: export for this GPU if needed, verify checksums, exec tritonserver",
+    )
+    entrypoint.add_arguments(p, ENGINE_KINDS)
+    p.set_defaults(run=entrypoint.run)
 
     p = commands.add_parser("models", help="list, load or unload models on a running server")
     p.add_argument("action", choices=("list", "load", "unload"))

@@ -67,6 +67,17 @@ def _tree_hashes(root: Path, base: Path) -> dict[str, str]:
     }
 
 
+def repository_files(repo: Path) -> dict[str, str]:
+    """SHA-256 of every file of an exported repository, as the manifest lists them.
+
+    Not listed: the manifest itself, and the entrypoint's record of the GPUs the export was built for
+    (written after the export; birdgen/entrypoint.py).
+    """
+    from birdgen.entrypoint import TARGET_FILE
+
+    return {k: v for k, v in _tree_hashes(repo, repo).items() if k not in (MANIFEST, TARGET_FILE)}
+
+
 def _versions() -> dict[str, str]:
     names = ("torch", "diffusers", "transformers", "onnx", "onnxruntime")
     return {n: metadata.version(n) for n in names} | {"birdgen": birdgen.__version__}
@@ -338,7 +349,7 @@ def export_repository(
         "versions": _versions(),
         "stages": stages,
         "families": family_records,
-        "files": {k: v for k, v in _tree_hashes(out, out).items() if k != MANIFEST},
+        "files": repository_files(out),
     }
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
