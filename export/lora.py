@@ -100,6 +100,12 @@ def check_lora(unet: torch.nn.Module, state: dict[str, torch.Tensor], path: Path
     return LoraInfo(path=path, sha256=digest, rank=ranks.pop(), layers=layers)
 
 
+def lora_weight_names(state: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """The UNet weights a LoRA changes when fused (`<prefix><module>.weight`), e.g. for the refit map."""
+    modules = {m["module"] for m in map(_LAYER.match, state) if m is not None}
+    return sorted(f"{prefix}{module}.weight" for module in modules)
+
+
 def validate_loras(model_dir: Path, loras: dict[str, Path]) -> dict[str, LoraInfo]:
     """Check every family's LoRA against the folder's UNet before anything is exported."""
     unet = load_part(model_dir, "unet")

@@ -50,7 +50,8 @@ def stage_config(
     config.dynamic_batching.preferred_batch_size.extend(spec.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
     kind = mc.ModelInstanceGroup.KIND_GPU if hosting.get("gpu") else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(count=instances, kind=kind)
+    # A TensorRT plan with several optimization profiles: Triton picks, per request, one that fits.
+    config.instance_group.add(count=instances, kind=kind, profile=hosting.get("profiles", []))
     # The first request would otherwise pay for allocations and kernel selection at 512 px.
     sizes = image_sizes(dims, 512 // dims.vae_scale_factor, 512 // dims.vae_scale_factor)
     warmup = config.model_warmup.add(name=f"{spec.name}_512px", batch_size=1)

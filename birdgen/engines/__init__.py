@@ -21,9 +21,16 @@ def engine_kind(name: str, device: str | None = None) -> EngineKind:
         from birdgen.engines.torch import TorchKind
 
         return TorchKind(device)
+    if name == "tensorrt":
+        # Imports tensorrt first: a machine without it fails here, naming why, before any export work.
+        from birdgen.engines.tensorrt import TensorRtKind
+
+        if device not in (None, "cuda"):
+            raise ValueError(f"device {device!r}: the tensorrt kind is hosted on cuda")
+        return TensorRtKind()
     raise ValueError(f"unknown engine kind {name!r}; allowed: {', '.join(ENGINE_KINDS)}")
 
 
-ENGINE_KINDS = ("onnxruntime", "torch")
+ENGINE_KINDS = ("onnxruntime", "torch", "tensorrt")
 
 __all__ = ["ENGINE_KINDS", "Engine", "EngineKind", "TensorEngine", "engine_kind"]

@@ -1,7 +1,7 @@
 """The engine-kind interface: how a stage is built from its torch module, and how it runs.
 
-The scheduler never sees an engine: it calls Triton models by stage name. Each kind (onnxruntime and
-torch here; tensorrt in its own module later) implements build + load, and says how Triton should
+The scheduler never sees an engine: it calls Triton models by stage name. Each kind (onnxruntime,
+torch, tensorrt) implements build + load, and says how Triton should
 host it, so adding a kind touches only its module and the registry.
 """
 

@@ -1,0 +1,263 @@
+"""The tensorrt engine kind: everything that needs no TensorRT is tested here, on every machine
+(profiles, cache keys, ONNX preparation, fp16 report, refit map, Triton configs); building and
+running plans only where `import tensorrt` works."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from birdgen.engines.tensorrt import (
+    PLAN_FILE,
+    TensorRtSettings,
+    fp16_report,
+    ort_tensorrt_config,
+    plan_cache_key,
+    prepare_onnx,
+    profiles,
+    refit_arrays,
+    refit_weight_map,
+    tensorrt_hosting,
+)
+from birdgen.export.triton_config import parse_pbtxt, stage_config, to_pbtxt
+from birdgen.model_folder import ModelDims
+from birdgen.schema import ANIMATION, LIMITS
+from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+NEEDS_TENSORRT = pytest.mark.skipif(
+    not HAS_TENSORRT, reason="tensorrt is not importable here; plans build in NVIDIA's container"
+)
+
+
+@pytest.fixture(scope="module")
+def dims(tiny_model: Path) -> ModelDims:
+    return ModelDims.from_folder(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def specs(dims: ModelDims) -> dict[str, StageSpec]:
+    return {**stage_specs(dims), "motion_unet": motion_unet_spec(dims, ANIMATION.max_frames)}
+
+
+@pytest.fixture(scope="module")
+def unet_onnx(repository: Path) -> onnx.ModelProto:
+    return onnx.load(str(repository / "unet" / "1" / "model.onnx"))
+
+
+def _squares(low: int, high: int, step: int) -> list[int]:
+    return list(range(low, high + 1, step))
+
+
+def test_profiles_cover_every_size_and_batch(specs: dict[str, StageSpec], dims: ModelDims) -> None:
+    factor = dims.vae_scale_factor
+    for spec in specs.values():
+        found = profiles(spec)
+        dynamic = found[0]
+        assert dynamic.name == "dynamic"
+        limits = ANIMATION if spec.name == "motion_unet" else LIMITS
+        sizes = (
+            [
+                image_sizes(dims, h // factor, w // factor)
+                for h in (limits.height.min, limits.height.max)
+                for w in (limits.width.min, limits.width.max)
+            ]
+            if spec.dynamic_axes
+            else [{}]
+        )
+        for batch in range(1, spec.max_batch_size + 1):
+            for size in sizes:
+                if "frames" in spec.dynamic_axes:
+                    size = {
+                        **size,
+                        **{
+                            a: spec.dynamic_axes[a][i]
+                            for a in ("frames", "windows", "window_length")
+                            for i in (0,)
+                        },
+                    }
+                shapes = {t.name: (batch, *t.concrete(size)) for t in spec.inputs}
+                assert dynamic.covers(shapes), (spec.name, batch, size)
+        # The opt point: one request at the common size.
+        for tensor in spec.inputs:
+            assert dynamic.shapes[tensor.name][1][0] == 1
+        if not spec.dynamic_axes:
+            assert len(found) == 1  # text encoders: nothing spatial to pin
+            continue
+        static = {p.name: p for p in found[1:]}
+        pinned = {
+            f"static_{px // factor}x{px // factor}"
+            for px in (512, 1024)
+            if px // factor <= spec.dynamic_axes["latent_height"][2]
+        }
+        assert set(static) == pinned
+        for profile in static.values():
+            for name, (low, opt, high) in profile.shapes.items():
+                assert low[1:] == opt[1:] == high[1:], (spec.name, name)  # static image size
+                assert (low[0], high[0]) == (1, spec.max_batch_size)  # the batcher's range
+
+
+def test_every_request_size_is_covered(specs: dict[str, StageSpec], dims: ModelDims) -> None:
+    """Every width x height a request may ask for, at every batch size, fits the dynamic profile."""
+    unet, factor = specs["unet"], dims.vae_scale_factor
+    dynamic = profiles(unet)[0]
+    for h in _squares(LIMITS.height.min, LIMITS.height.max, LIMITS.height.multiple_of):
+        for w in _squares(LIMITS.width.min, LIMITS.width.max, LIMITS.width.multiple_of):
+            for batch in (1, unet.max_batch_size):
+                size = image_sizes(dims, h // factor, w // factor)
+                assert dynamic.covers({t.name: (batch, *t.concrete(size)) for t in unet.inputs})
+
+
+def test_plan_cache_key() -> None:
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in TensorRtSettings().__dict__.items()}
+    key = plan_cache_key("a" * 64, settings, "NVIDIA H100", "10.5.0")
+    assert key == plan_cache_key("a" * 64, dict(settings), "NVIDIA H100", "10.5.0")
+    changed = [
+        plan_cache_key("b" * 64, settings, "NVIDIA H100", "10.5.0"),
+        plan_cache_key("a" * 64, {**settings, "fp16": False}, "NVIDIA H100", "10.5.0"),
+        plan_cache_key("a" * 64, {**settings, "refittable": True}, "NVIDIA H100", "10.5.0"),
+        plan_cache_key("a" * 64, {**settings, "hot_sizes_px": [512]}, "NVIDIA H100", "10.5.0"),
+        plan_cache_key("a" * 64, settings, "NVIDIA H200", "10.5.0"),
+        plan_cache_key("a" * 64, settings, "NVIDIA H100", "10.6.0"),
+    ]
+    assert len({key, *changed}) == len(changed) + 1
+    # Where the caches live does not change what is built.
+    moved = {**settings, "cache_dir": "/elsewhere", "timing_cache": "/elsewhere/t.cache"}
+    assert plan_cache_key("a" * 64, moved, "NVIDIA H100", "10.5.0") == key
+
+
+def test_tensorrt_plan_configs_are_valid(specs: dict[str, StageSpec], dims: ModelDims) -> None:
+    for spec in specs.values():
+        text = to_pbtxt(stage_config(spec, dims, tensorrt_hosting(spec)))
+        config = parse_pbtxt(text)  # Triton's ModelConfig schema: raises on anything invalid
+        assert config.platform == "tensorrt_plan"
+        assert not config.backend
+        assert config.max_batch_size == spec.max_batch_size
+        (group,) = config.instance_group
+        assert group.kind == group.KIND_GPU
+        assert list(group.profile) == [str(i) for i in range(len(profiles(spec)))]
+        assert [i.name for i in config.input] == [t.name for t in spec.inputs]
+        assert config.model_warmup and config.model_warmup[0].batch_size == 1
+        assert config.HasField("dynamic_batching")
+    unet = parse_pbtxt(to_pbtxt(stage_config(specs["unet"], dims, tensorrt_hosting(specs["unet"]))))
+    assert list(unet.dynamic_batching.preferred_batch_size) == list(specs["unet"].preferred_batch_sizes)
+
+
+def test_onnxruntime_tensorrt_configs_are_valid(specs: dict[str, StageSpec], dims: ModelDims) -> None:
+    for spec in specs.values():
+        config = parse_pbtxt(to_pbtxt(ort_tensorrt_config(spec, dims, "/models/trt-cache")))
+        assert config.platform == "onnxruntime_onnx"
+        assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert accelerator.name == "tensorrt"
+        assert accelerator.parameters["precision_mode"] == "FP16"
+        assert accelerator.parameters["trt_engine_cache_path"] == "/models/trt-cache"
+    unet = ort_tensorrt_config(specs["unet"], dims, "/c")
+    parameters = unet.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters
+    low, opt, high = profiles(specs["unet"])[0].shapes["sample"]
+    assert f"sample:{'x'.join(map(str, low))}" in parameters["trt_profile_min_shapes"]
+    assert f"sample:{'x'.join(map(str, opt))}" in parameters["trt_profile_opt_shapes"]
+    assert f"sample:{'x'.join(map(str, high))}" in parameters["trt_profile_max_shapes"]
+
+
+def test_refit_map_covers_every_lora_weight(
+    tiny_model: Path, unet_onnx: onnx.ModelProto, tmp_path: Path
+) -> None:
+    """Every weight a family LoRA changes maps to exactly one UNet initializer, of its shape and
+    (for the base UNet) its values: a refit with the fused weights changes exactly those."""
+    from birdgen.export.lora import lora_weight_names, read_lora
+    from birdgen.export.modules import stage_module
+    from tests.loras import random_lora
+
+    state, _, _ = read_lora(random_lora(tiny_model, tmp_path / "lora"))
+    names = lora_weight_names(state, prefix="model.")  # the stage wrapper holds the UNet as `model`
+    assert names and all(n.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for n in names)
+    mapping = refit_weight_map(unet_onnx, names)
+    assert sorted(mapping) == names
+    assert len({p.initializer for p in mapping.values()}) == len(names)  # no initializer twice
+    weights = {k: v.numpy() for k, v in stage_module(tiny_model, "unet").state_dict().items()}
+    initializers = {i.name: numpy_helper.to_array(i) for i in unet_onnx.graph.initializer}
+    for name, array in refit_arrays(mapping, weights).items():
+        assert initializers[name].shape == array.shape
+        np.testing.assert_array_equal(initializers[name], array)
+
+
+def test_refit_map_names_a_missing_weight(unet_onnx: onnx.ModelProto) -> None:
+    with pytest.raises(ValueError, match=r"model\.nothing\.weight: 0 initializers"):
+        refit_weight_map(unet_onnx, ["model.nothing.weight"])
+
+
+def test_prepare_onnx_keeps_outputs_and_names(
+    repository: Path, unet_onnx: onnx.ModelProto, specs: dict[str, StageSpec], dims: ModelDims, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    prepared = prepare_onnx(repository / "unet" / "1" / "model.onnx", tmp_path / "prepared.onnx")
+    model = onnx.load(str(prepared))
+    onnx.checker.check_model(model)
+    assert len(model.graph.node) <= len(unet_onnx.graph.node)
+    assert model.graph.value_info  # shapes inferred for the intermediate tensors
+    # Refit names survive the preparation (TensorRT parses the prepared file).
+    refit = refit_weight_map(
+        unet_onnx, [n for n in (i.name for i in unet_onnx.graph.initializer) if n.endswith("to_out.0.bias")]
+    )
+    kept = {i.name for i in model.graph.initializer}
+    assert refit and all(p.initializer in kept for p in refit.values())
+    spec = specs["unet"]
+    sample = spec.sample_inputs(2, image_sizes(dims, 32, 48), dims.vocab_size)
+    runs = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, sample)
+        for p in (repository / "unet" / "1" / "model.onnx", prepared)
+    ]
+    np.testing.assert_allclose(runs[1][0], runs[0][0], atol=1e-5)
+
+
+def test_fp16_report() -> None:
+    big = numpy_helper.from_array(np.array([1.0, 1e5], np.float32), "big")
+    tiny = numpy_helper.from_array(np.full(8, 1e-9, np.float32), "tiny")
+    fine = numpy_helper.from_array(np.array([0.0, 1e-9, *[1.0] * 198, 60000.0], np.float32), "fine")
+    ids = numpy_helper.from_array(np.array([10**6], np.int64), "ids")
+    graph = helper.make_graph([], "g", [], [], initializer=[big, tiny, fine, ids])
+    report = fp16_report(helper.make_model(graph))
+    # `fine`: one tiny value in 200 flushing to zero is normal, not reported.
+    assert [(i.name, i.kind, i.count) for i in report] == [("big", "overflow", 1), ("tiny", "underflow", 8)]
+    assert report[0].max_abs == 1e5
+
+
+def test_export_fails_fast_without_tensorrt(tiny_model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    if HAS_TENSORRT:
+        pytest.skip("tensorrt is importable here")
+    from birdgen.cli import main
+    from birdgen.engines import engine_kind
+
+    with pytest.raises(ValueError, match=r"tensorrt is not importable here.*NVIDIA's container"):
+        engine_kind("tensorrt")
+    out = tmp_path / "repo"
+    assert main(["export", "--model-dir", str(tiny_model), "--out", str(out), "--engine", "tensorrt"]) == 2
+    assert "tensorrt is not importable here" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
+
+
+@NEEDS_TENSORRT
+def test_plan_builds_and_matches_onnxruntime(
+    repository: Path, specs: dict[str, StageSpec], dims: ModelDims, tmp_path: Path
+) -> None:
+    from birdgen.engines.tensorrt import TensorRtEngine, TensorRtKind, build_plan
+
+    spec = specs["unet"]
+    prepared = prepare_onnx(repository / "unet" / "1" / "model.onnx", tmp_path / "prepared.onnx")
+    settings = TensorRtSettings(hot_sizes_px=(512,))
+    cache = tmp_path / "timing.cache"
+    plan = build_plan(prepared, tmp_path / PLAN_FILE, profiles(spec, (512,)), settings, cache)
+    assert cache.stat().st_size > 0  # the timing cache is persisted for the next build
+    import onnxruntime as ort
+
+    sample = spec.sample_inputs(2, image_sizes(dims, 32, 48), dims.vocab_size)
+    want = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).run(None, sample)[0]
+    got = TensorRtEngine(plan, TensorRtKind.tolerance).infer(sample)["noise_pred"]
+    np.testing.assert_allclose(got, want, atol=TensorRtKind.tolerance["FP32"])
