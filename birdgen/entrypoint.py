@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from birdgen.server import serving_flags
+
 __all__ = [
     "TARGET_FILE",
     "RepositoryRefused",
@@ -182,24 +184,22 @@ def tritonserver_command(
     backend_directory: Path | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """Step 3's command line: the same flags as ``birdgen serve`` (birdgen.server.TritonServer.command),
-    with the image's own tritonserver and backends (no ``--backend-directory`` unless given)."""
+    """Step 3's command line: the same flags as ``birdgen serve`` (birdgen.server.serving_flags), with
+    the image's own tritonserver and backends (no ``--backend-directory`` unless given)."""
     cmd = [
         tritonserver,
-        f"--model-repository={Path(repository).resolve()}",
-        f"--grpc-port={grpc_port}",
-        f"--http-port={http_port}",
-        f"--metrics-port={metrics_port}",
-        "--model-control-mode=explicit",
-        *(f"--load-model={name}" for name in load_models),
-        # A model that fails to load stops the container rather than serving a partial repository.
-        "--exit-on-error=true",
-        "--strict-readiness=true",
+        *serving_flags(
+            repository,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            model_control="explicit",
+            load_models=load_models,
+            cache_size_bytes=cache_size_bytes,
+        ),
     ]
     if backend_directory is not None:
         cmd.append(f"--backend-directory={backend_directory}")
-    if cache_size_bytes > 0:
-        cmd.append(f"--cache-config=local,size={cache_size_bytes}")
     return [*cmd, *extra_args]
 
 

@@ -222,6 +222,34 @@ def _stop_leftovers() -> None:
             server.stop(timeout=5.0)
 
 
+def serving_flags(
+    repository: Path,
+    *,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    model_control: str,
+    load_models: Sequence[str],
+    cache_size_bytes: int,
+) -> list[str]:
+    """The tritonserver flags every birdgen server runs with, here (TritonServer) and in the image
+    (birdgen.entrypoint): repository, ports, model control, fail-fast loading, the response cache."""
+    flags = [
+        f"--model-repository={Path(repository).resolve()}",
+        f"--grpc-port={grpc_port}",
+        f"--http-port={http_port}",
+        f"--metrics-port={metrics_port}",
+        f"--model-control-mode={model_control}",
+        *(f"--load-model={name}" for name in load_models),
+        # A model that fails to load must fail the start loudly rather than serve a partial repository.
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+    ]
+    if cache_size_bytes > 0:
+        flags.append(f"--cache-config=local,size={cache_size_bytes}")
+    return flags
+
+
 class TritonServer:
     """One tritonserver process on its own ports, in its own session, logging to a file.
 
@@ -291,21 +319,19 @@ class TritonServer:
         install = triton_install()
         cmd = [
             str(install.binary),
-            f"--model-repository={self.model_repository}",
             f"--backend-directory={install.backend_dir}",
             f"--cache-directory={install.cache_dir}",
-            f"--grpc-port={self.grpc_port}",
-            f"--http-port={self.http_port}",
-            f"--metrics-port={self.metrics_port}",
-            f"--model-control-mode={self.model_control}",
-            *(f"--load-model={name}" for name in self.load_models),
             f"--log-verbose={self.log_verbose}",
-            # A model that fails to load must fail start() loudly rather than serve a partial repository.
-            "--exit-on-error=true",
-            "--strict-readiness=true",
+            *serving_flags(
+                self.model_repository,
+                grpc_port=self.grpc_port,
+                http_port=self.http_port,
+                metrics_port=self.metrics_port,
+                model_control=self.model_control,
+                load_models=self.load_models,
+                cache_size_bytes=self.cache_size_bytes,
+            ),
         ]
-        if self.cache_size_bytes > 0:
-            cmd.append(f"--cache-config=local,size={self.cache_size_bytes}")
         if self._shm_prefix:
             # Unique per start, so stop() can remove what a killed server left in /dev/shm.
             cmd.append(f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}")
