@@ -137,17 +137,16 @@ class Target:
 
 
 @contextlib.contextmanager
-def served(settings: BenchSettings, model_dir: Path, log: Log) -> Iterator[Target]:
-    """--url's server as it is, or the model exported (skipped when up to date) and served here."""
+def served(settings: BenchSettings, model_dir: Path, device: str, log: Log) -> Iterator[Target]:
+    """--url's server as it is, or the model exported (skipped when up to date) and served here;
+    `device` is device_info()'s kind, which picks the default engine."""
     if settings.url is not None:
         yield Target(settings.url, settings.metrics_url, None, None)
         return
-    import torch
-
     from birdgen.export.exporter import core_models, export_repository
     from birdgen.server import TritonServer
 
-    engine = settings.engine or ("torch" if torch.cuda.is_available() else "onnxruntime")
+    engine = settings.engine or ("torch" if device == "cuda" else "onnxruntime")
     suffix = "" if engine == "onnxruntime" else f"-{engine}"
     repository = settings.repository or settings.work_dir / f"{model_dir.name}-repository{suffix}"
     manifest = export_repository(model_dir, repository, engine, progress=lambda m: log(f"export: {m}"))
@@ -338,7 +337,7 @@ class Bench:
             entry["request"] = scenario.request(0) | {"seed": "distinct per request"}
         self.floor(scenarios, model_dir)
         self.baselines(scenarios, model_dir, device["kind"])
-        with served(s, model_dir, self.log) as target:
+        with served(s, model_dir, device["kind"], self.log) as target:
             results["model"]["engine"] = target.engine or results["model"].get("engine")
             for scenario in scenarios:
                 self.sweep(target, scenario, levels)
