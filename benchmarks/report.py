@@ -143,7 +143,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"torch {device.get('torch')}, onnxruntime {device.get('onnxruntime')}.",
         f"- Load: closed loop, {settings['per_point']} per point after one untimed request per client, "
         f"{settings['warmup']} warm-up requests per scenario, distinct seeds (Triton's response cache "
-        f"never answers). Started {results['started']}.",
+        "never answers a whole request; CPU-hosted text encoders answer the repeated prompt from it, "
+        f"as for any species asked for before). Started {results['started']}.",
         "- Times in ms. Ratios are birdgen ÷ reference for times (< 1: birdgen faster) and birdgen ÷ "
         "diffusers for throughput (> 1: birdgen more). Floor = FLOPs ÷ measured matrix throughput.",
         "",

@@ -66,6 +66,10 @@ class StageSpec:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
     dynamic_axes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (min, opt, max)
+    # Outputs a pure function of inputs that repeat across requests (token ids of a closed prompt
+    # vocabulary): Triton's response cache may answer them. Latents never repeat, so only the text
+    # encoders are.
+    cacheable: bool = False
 
     def sample_inputs(
         self, batch: int, sizes: dict[str, int], vocab_size: int, seed: int = 0
@@ -102,6 +106,7 @@ def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
             outputs=(TensorSpec("hidden_states", "FP32", (tokens, dims.text_hidden)),),
             max_batch_size=8,
             preferred_batch_sizes=(4, 8),
+            cacheable=True,
         ),
         StageSpec(
             name="text_encoder_2",
@@ -112,6 +117,7 @@ def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
             ),
             max_batch_size=8,
             preferred_batch_sizes=(4, 8),
+            cacheable=True,
         ),
         StageSpec(
             name="unet",

@@ -52,6 +52,11 @@ def stage_config(
     kind = mc.ModelInstanceGroup.KIND_GPU if hosting.get("gpu") else mc.ModelInstanceGroup.KIND_CPU
     # A TensorRT plan with several optimization profiles: Triton picks, per request, one that fits.
     config.instance_group.add(count=instances, kind=kind, profile=hosting.get("profiles", []))
+    # The text encoders see the same token ids for every image of a species: Triton's response cache
+    # (the server's --cache-config) answers repeats, also for BLS calls. Measured on the 2-core machine
+    # (mini, 256², 1 step, served): 162 -> 143 ms a request. Only for CPU-hosted stages: Triton's
+    # cache holds CPU buffers, and a GPU stage's outputs stay on the GPU (DLPack).
+    config.response_cache.enable = spec.cacheable and not hosting.get("gpu")
     # The first request would otherwise pay for allocations and kernel selection at 512 px.
     sizes = image_sizes(dims, 512 // dims.vae_scale_factor, 512 // dims.vae_scale_factor)
     warmup = config.model_warmup.add(name=f"{spec.name}_512px", batch_size=1)

@@ -14,7 +14,7 @@ import torch
 from birdgen.engines import engine_kind
 from birdgen.export.exporter import MANIFEST, export_repository, verify_manifest
 from birdgen.export.modules import stage_module
-from birdgen.export.triton_config import parse_pbtxt
+from birdgen.export.triton_config import parse_pbtxt, stage_config
 from birdgen.model_folder import REQUIRED_PARTS, ModelDims, ModelFolderError, check_model_folder
 from birdgen.stages import image_sizes, stage_specs
 
@@ -87,6 +87,10 @@ def test_configs_are_valid_triton_model_configs(repository: Path, tiny_model: Pa
         assert [o.name for o in config.output] == [t.name for t in spec.outputs]
         assert list(config.dynamic_batching.preferred_batch_size) == list(spec.preferred_batch_sizes)
         assert config.model_warmup and config.parameters["stage"].string_value == name
+        # Only the text encoders' outputs repeat (same prompt, any seed): only they use the cache.
+        assert config.response_cache.enable == spec.cacheable == name.startswith("text_encoder")
+        on_gpu = stage_config(spec, ModelDims.from_folder(tiny_model), {"backend": "python", "gpu": True})
+        assert not on_gpu.response_cache.enable  # Triton caches CPU buffers; GPU outputs stay there
     entry = parse_pbtxt((repository / "bird_image" / "config.pbtxt").read_text())
     assert entry.response_cache.enable and entry.instance_group[0].count == 4
     stream = parse_pbtxt((repository / "bird_animation_stream" / "config.pbtxt").read_text())

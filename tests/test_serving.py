@@ -184,3 +184,26 @@ def test_repeated_request_is_answered_from_tritons_response_cache(server) -> Non
     hits = cache_hits()
     assert raw_infer(server.grpc_url, request) == first
     assert cache_hits() == hits + 1
+
+
+def encoder_counts(client: grpcclient.InferenceServerClient, name: str) -> tuple[int, int]:
+    """(inferences run, response-cache hits) of a text encoder."""
+    stats = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
+    hits = stats["inference_stats"].get("cache_hit", {}).get("count", 0)
+    return int(stats.get("inference_count", 0)), int(hits)
+
+
+def test_text_encoders_answer_repeated_token_ids_from_the_response_cache(server) -> None:
+    """The second level behind each entry instance's own prompt cache: Triton's response cache on the
+    CPU-hosted encoders, shared by every instance. Same token ids -> a cache hit, the same outputs."""
+    ids = np.arange(77, dtype=np.int64)[None] + 7  # within the tiny vocabulary
+    tensor = grpcclient.InferInput("input_ids", list(ids.shape), "INT64")
+    tensor.set_data_from_numpy(ids)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        for name in ("text_encoder", "text_encoder_2"):
+            before = encoder_counts(client, name)
+            first = client.infer(name, [tensor]).as_numpy("hidden_states")
+            second = client.infer(name, [tensor]).as_numpy("hidden_states")
+            runs, hits = (a - b for a, b in zip(encoder_counts(client, name), before, strict=True))
+            assert (runs, hits) == (1, 1), name
+            np.testing.assert_array_equal(first, second)

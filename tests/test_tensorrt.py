@@ -16,18 +16,21 @@ from birdgen.engines.tensorrt import (
     PLAN_FILE,
     TensorRtSettings,
     fp16_report,
+    onnx_weights,
     ort_tensorrt_config,
     plan_cache_key,
     prepare_onnx,
     profiles,
     refit_arrays,
     refit_weight_map,
+    structure_sha256,
     tensorrt_hosting,
 )
 from birdgen.export.triton_config import parse_pbtxt, stage_config, to_pbtxt
 from birdgen.model_folder import ModelDims
-from birdgen.schema import ANIMATION, LIMITS
+from birdgen.schema import ANIMATION, LIMITS, RequestError, parse_image_request
 from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
+from tests.conftest import ROBIN
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NEEDS_TENSORRT = pytest.mark.skipif(
@@ -113,6 +116,24 @@ def test_every_request_size_is_covered(specs: dict[str, StageSpec], dims: ModelD
                 assert dynamic.covers({t.name: (batch, *t.concrete(size)) for t in unet.inputs})
 
 
+@pytest.mark.parametrize("field", ["width", "height"])
+def test_a_size_outside_the_profiles_is_refused_before_any_engine(
+    field: str, specs: dict[str, StageSpec], dims: ModelDims
+) -> None:
+    """The profiles end where limits.yaml ends, and the schema refuses what lies beyond (INVALID_ARGUMENT
+    when served), so no request reaches a plan with a shape it has no profile for."""
+    unet, factor = specs["unet"], dims.vae_scale_factor
+    limit = getattr(LIMITS, field)
+    for outside in (limit.max + limit.multiple_of, limit.min - limit.multiple_of):
+        px = {"width": LIMITS.width.default, "height": LIMITS.height.default, field: outside}
+        size = image_sizes(dims, px["height"] // factor, px["width"] // factor)
+        shapes = {t.name: (1, *t.concrete(size)) for t in unet.inputs}
+        assert not any(profile.covers(shapes) for profile in profiles(unet))
+        with pytest.raises(RequestError) as refused:
+            parse_image_request({**ROBIN, **px})
+        assert refused.value.field == field
+
+
 def test_plan_cache_key() -> None:
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in TensorRtSettings().__dict__.items()}
     key = plan_cache_key("a" * 64, settings, "NVIDIA H100", "10.5.0")
@@ -185,6 +206,68 @@ def test_refit_map_covers_every_lora_weight(
     for name, array in refit_arrays(mapping, weights).items():
         assert initializers[name].shape == array.shape
         np.testing.assert_array_equal(initializers[name], array)
+
+
+def test_a_family_unet_has_the_base_graph_so_its_plan_is_a_refit(
+    tiny_model: Path, repository: Path, specs: dict[str, StageSpec], dims: ModelDims, tmp_path: Path
+) -> None:
+    """A LoRA-fused family UNet exports to the base UNet's graph with other weights: the refittable
+    plan of one is refitted into the other (every weight from the new export) instead of rebuilt."""
+    from birdgen.engines.onnxruntime import export_onnx
+    from birdgen.export.lora import fused_unet
+    from birdgen.export.modules import UNet
+    from tests.loras import random_lora
+
+    spec = specs["unet"]
+    sample = spec.sample_inputs(1, image_sizes(dims, 32, 32), dims.vocab_size)
+    family_path = export_onnx(
+        spec,
+        UNet(fused_unet(tiny_model, random_lora(tiny_model, tmp_path / "lora"), "Turdidae")),
+        sample,
+        tmp_path / "family" / "model.onnx",
+    )
+    base, family = (
+        onnx.load(str(prepare_onnx(path, tmp_path / f"{name}-prepared.onnx")))
+        for name, path in (("base", repository / "unet" / "1" / "model.onnx"), ("family", family_path))
+    )
+    assert structure_sha256(base) == structure_sha256(family)
+    base_weights, family_weights = onnx_weights(base), onnx_weights(family)
+    assert base_weights.keys() == family_weights.keys()  # every refit name found in the new export
+    changed = [n for n in base_weights if not np.array_equal(base_weights[n], family_weights[n])]
+    assert changed  # the LoRA's weights, which the refit sets with all the others
+    other_graph = onnx.load(str(repository / "vae_decoder" / "1" / "model.onnx"))
+    assert structure_sha256(other_graph) != structure_sha256(base)
+    reshaped = onnx.ModelProto()
+    reshaped.CopyFrom(base)
+    shape = next(i for i in reshaped.graph.initializer if i.data_type == onnx.TensorProto.INT64 and i.dims)
+    shape.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(shape) + 1, shape.name))
+    assert structure_sha256(reshaped) != structure_sha256(base)  # integer constants are graph
+
+
+@NEEDS_TENSORRT
+def test_refit_swaps_families_exactly(
+    tiny_model: Path, repository: Path, specs: dict[str, StageSpec], dims: ModelDims, tmp_path: Path
+) -> None:
+    """A -> B -> A gives A's output bit for bit, and B's differs (NVIDIA/TensorRT issue 3628)."""
+    from birdgen.engines.tensorrt import TensorRtEngine, TensorRtKind, build_plan, refit_plan
+
+    spec = specs["unet"]
+    base = prepare_onnx(repository / "unet" / "1" / "model.onnx", tmp_path / "prepared.onnx")
+    settings = TensorRtSettings(refittable=True, hot_sizes_px=(512,))
+    plan_a = build_plan(base, tmp_path / "a.plan", profiles(spec, (512,)), settings, tmp_path / "timing")
+    weights_a = onnx_weights(onnx.load(str(base)))
+    weights_b = {k: (v * 1.01 if v.dtype == np.float32 else v) for k, v in weights_a.items()}
+    sample = spec.sample_inputs(1, image_sizes(dims, 32, 32), dims.vocab_size)
+
+    def run(plan: bytes) -> np.ndarray:
+        path = tmp_path / "run.plan"
+        path.write_bytes(plan)
+        return TensorRtEngine(path, TensorRtKind.tolerance).infer(sample)["noise_pred"]
+
+    a = run(plan_a.read_bytes())
+    b_plan = refit_plan(plan_a.read_bytes(), weights_b)
+    assert not np.array_equal(run(b_plan), a)
+    np.testing.assert_array_equal(run(refit_plan(b_plan, weights_a)), a)
 
 
 def test_refit_map_names_a_missing_weight(unet_onnx: onnx.ModelProto) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from birdgen.engines.base import Engine, EngineKind
+from birdgen.engines.cpu_lock import CpuLock
 from birdgen.stages import StageSpec
 
 ONNX_FILE = "model.onnx"
@@ -28,22 +30,26 @@ class OnnxRuntimeEngine(Engine):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Each stage runs in its own python-backend process, and under load several run at once.
-        # Spinning worker threads (ORT's default) burn the cores other stages need. Measured on the
-        # 2-core machine, mini model, 256² 1 step served: p50 at concurrency 1 was 215 ms with
-        # spinning, 161 ms spinning during runs only (session.force_spinning_stop), 180 ms never
-        # spinning; but at concurrency 2 the never-spinning server did 6.75 req/s against 5.4, as
-        # overlapping stages no longer starve each other. A server is for load: never spin.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        on_cpu = providers == ["CPUExecutionProvider"]
+        lock = CpuLock() if on_cpu else None
+        self.lock: AbstractContextManager[object] = lock if lock and lock.enabled else nullcontext()
+        # Worker threads spin between operators only while this engine holds the host's CPU lock
+        # (see cpu_lock), and stop when the run ends. Without the lock they must sleep: spinning
+        # threads of overlapping stages starve each other (measured: 5.4 against 6.75 req/s at
+        # concurrency 2 on the 2-core machine).
+        spin = "1" if isinstance(self.lock, CpuLock) else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        options.add_session_config_entry("session.force_spinning_stop", spin)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, dict(inputs))
+        with self.lock:
+            outputs = self.session.run(self.output_names, dict(inputs))
         return dict(zip(self.output_names, outputs, strict=True))
 
 

@@ -246,6 +246,60 @@ def refit_arrays(
     }
 
 
+# ONNX data types of weights (float); integer initializers are shapes and indices, part of the graph.
+_WEIGHT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def structure_sha256(model: onnx.ModelProto) -> str:
+    """The graph with its float weights' values left out: two exports with the same hash differ only
+    in weights (a base UNet and a family's LoRA-fused one), so a refittable plan of one refits into
+    the other. Names, shapes and integer constants (reshape targets, indices) stay in."""
+    import onnx
+
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    for tensor in stripped.graph.initializer:
+        if tensor.data_type in _WEIGHT_TYPES:
+            dims, name, dtype = list(tensor.dims), tensor.name, tensor.data_type
+            tensor.Clear()
+            tensor.name, tensor.data_type = name, dtype
+            tensor.dims.extend(dims)
+    return hashlib.sha256(stripped.SerializeToString(deterministic=True)).hexdigest()
+
+
+def onnx_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer by name: what a refit of this export sets."""
+    from onnx import numpy_helper
+
+    return {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+
+
+def refit_plan(plan: bytes, weights: Mapping[str, np.ndarray]) -> bytes:
+    """A refittable plan with *every* refittable weight set from `weights` (initializer names), then
+    serialized again: TensorRT 10's `Refitter`.
+
+    Setting all of them, not only the ones a LoRA touches, is what makes A -> B -> A give A's output
+    exactly: nothing of the previous weights survives (the TensorRT demo's partial refit leaves a
+    blend, NVIDIA/TensorRT issue 3628). Raises naming the weights `weights` lacks.
+    """
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise RuntimeError("TensorRT cannot deserialize the plan (another GPU or TensorRT version?)")
+    refitter = trt.Refitter(engine, logger)
+    names = list(refitter.get_all_weights())
+    missing = sorted(set(names) - set(weights))
+    if missing:
+        raise ValueError(f"refit: {len(missing)} weights of the plan are not in this export: {missing[:5]}")
+    arrays = [np.ascontiguousarray(weights[name]) for name in names]  # alive until the refit is done
+    for name, array in zip(names, arrays, strict=True):
+        refitter.set_named_weights(name, trt.Weights(array))
+    if list(refitter.get_missing_weights()) or not refitter.refit_cuda_engine():
+        raise RuntimeError("TensorRT refit failed (see the TensorRT log above)")
+    return bytes(engine.serialize())
+
+
 def tensorrt_hosting(spec: StageSpec, hot_sizes_px: Sequence[int] = CAPTURED_SIZES_PX) -> dict[str, Any]:
     """Triton hosting of a plan (for `stage_config`): the native platform on the GPU, every profile
     available to the instance (Triton picks one that fits each request's shapes)."""
@@ -384,11 +438,36 @@ class TensorRtKind(EngineKind):
                 write_refit_map(exported, module, out_dir / REFIT_MAP_FILE)
             if not cached.is_file():
                 prepared = prepare_onnx(exported, Path(work) / PREPARED_ONNX)
-                found = profiles(spec, self.options.hot_sizes_px)
-                build_plan(prepared, cached.with_suffix(".partial"), found, self.options, timing)
-                cached.with_suffix(".partial").replace(cached)
+                partial = cached.with_suffix(".partial")
+                if not (self.options.refittable and self._refit_from_same_graph(prepared, partial)):
+                    found = profiles(spec, self.options.hot_sizes_px)
+                    build_plan(prepared, partial, found, self.options, timing)
+                    if self.options.refittable:
+                        shutil.copyfile(partial, self._graph_plan(prepared))
+                partial.replace(cached)
         shutil.copyfile(cached, out_dir / PLAN_FILE)
         return sorted(p for p in out_dir.iterdir() if p.is_file())
+
+    def _graph_plan(self, prepared: Path) -> Path:
+        """Where the refittable plan of this graph (weights aside) is kept for the next family."""
+        import onnx
+
+        settings = self.settings
+        structure = structure_sha256(onnx.load(str(prepared)))
+        key = plan_cache_key(structure, settings, settings["gpu"], settings["tensorrt"])
+        return Path(self.options.cache_dir) / f"refittable-{key}.plan"
+
+    def _refit_from_same_graph(self, prepared: Path, out: Path) -> bool:
+        """A family UNet without a build: the refittable plan of the same graph (the base UNet's, or
+        an earlier family's) with every weight set from this export. Seconds instead of a build."""
+        import onnx
+
+        source = self._graph_plan(prepared)
+        if not source.is_file():
+            return False
+        weights = onnx_weights(onnx.load(str(prepared)))
+        out.write_bytes(refit_plan(source.read_bytes(), weights))
+        return True
 
     def load(self, spec: StageSpec, version_dir: Path, device: str = "cuda") -> Engine:
         return TensorRtEngine(version_dir / PLAN_FILE, self.tolerance)

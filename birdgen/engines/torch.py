@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from birdgen.engines.base import EngineKind, TensorEngine
+from birdgen.engines.cpu_lock import CpuLock
 from birdgen.export.modules import TextEncoder, UNet, VaeDecoder
 from birdgen.stages import CAPTURED_SIZES_PX, StageSpec, TensorSpec, captured_sizes
 
@@ -183,6 +185,8 @@ class TorchEngine(TensorEngine):
         self.dtype = next(module.parameters()).dtype
         self.channels_last = device.type == "cuda" and type(module).__name__ in CONV_WRAPPERS
         self.prepared: dict[tuple[tuple[int, ...], ...], Callable[..., Sequence[torch.Tensor]]] = {}
+        # On CPU the module uses every core: one CPU engine computes at a time (see cpu_lock).
+        self.lock: AbstractContextManager[object] = CpuLock() if device.type == "cpu" else nullcontext()
 
     def _input(self, tensor: TensorSpec, value: torch.Tensor) -> torch.Tensor:
         dtype = value.dtype
@@ -206,7 +210,9 @@ class TorchEngine(TensorEngine):
     def infer_tensors(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [self._input(t, inputs[t.name]) for t in self.spec.inputs]
         run = self.prepared.get(_shape_key(args), self.module)
-        outputs = {t.name: self._output(t, o) for t, o in zip(self.spec.outputs, run(*args), strict=True)}
+        with self.lock:
+            results = run(*args)
+        outputs = {t.name: self._output(t, o) for t, o in zip(self.spec.outputs, results, strict=True)}
         if self.device.type == "cuda":
             # Finished before Triton (or the engine-time counter) takes the outputs.
             torch.cuda.current_stream(self.device).synchronize()
