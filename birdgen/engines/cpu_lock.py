@@ -5,7 +5,7 @@ is its own process. Two stages computing at once (the VAE of one request beside 
 next) gain nothing and contend; and while threads sleep between operators to leave cores to the
 other stage, waking them costs ~20 ms per UNet call (mini model, 256², 2 cores). Holding a host-wide
 lock for each run lets the running engine keep its threads spinning without starving anyone.
-Measured served (mini, 256², 1 step, 2 cores): p50 at concurrency 1 185 → 160 ms; throughput at
+Measured served (mini, 256², 1 step, 2 cores): p50 at concurrency 1 185 → ~162 ms; throughput at
 512² 1.78 → 2.0 req/s. Batches still form: requests queue at a stage while another holds the lock.
 
 `BIRDGEN_CPU_LOCK=off` turns it off (engines then sleep between operators, as ORT must when stages
