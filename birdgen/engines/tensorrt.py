@@ -439,35 +439,30 @@ class TensorRtKind(EngineKind):
             if not cached.is_file():
                 prepared = prepare_onnx(exported, Path(work) / PREPARED_ONNX)
                 partial = cached.with_suffix(".partial")
-                if not (self.options.refittable and self._refit_from_same_graph(prepared, partial)):
-                    found = profiles(spec, self.options.hot_sizes_px)
-                    build_plan(prepared, partial, found, self.options, timing)
-                    if self.options.refittable:
-                        shutil.copyfile(partial, self._graph_plan(prepared))
+                self._plan(spec, prepared, partial, settings, timing)
                 partial.replace(cached)
         shutil.copyfile(cached, out_dir / PLAN_FILE)
         return sorted(p for p in out_dir.iterdir() if p.is_file())
 
-    def _graph_plan(self, prepared: Path) -> Path:
-        """Where the refittable plan of this graph (weights aside) is kept for the next family."""
-        import onnx
+    def _plan(
+        self, spec: StageSpec, prepared: Path, out: Path, settings: Mapping[str, Any], timing: Path
+    ) -> None:
+        """The plan of `prepared`, built; or, refittable, a family UNet without a build: the plan of the
+        same graph (the base UNet's, or an earlier family's), kept in the plan cache under the graph's
+        structure hash, with every weight set from this export. Seconds instead of a build."""
+        same_graph = None
+        if self.options.refittable:
+            import onnx
 
-        settings = self.settings
-        structure = structure_sha256(onnx.load(str(prepared)))
-        key = plan_cache_key(structure, settings, settings["gpu"], settings["tensorrt"])
-        return Path(self.options.cache_dir) / f"refittable-{key}.plan"
-
-    def _refit_from_same_graph(self, prepared: Path, out: Path) -> bool:
-        """A family UNet without a build: the refittable plan of the same graph (the base UNet's, or
-        an earlier family's) with every weight set from this export. Seconds instead of a build."""
-        import onnx
-
-        source = self._graph_plan(prepared)
-        if not source.is_file():
-            return False
-        weights = onnx_weights(onnx.load(str(prepared)))
-        out.write_bytes(refit_plan(source.read_bytes(), weights))
-        return True
+            model = onnx.load(str(prepared))
+            key = plan_cache_key(structure_sha256(model), settings, settings["gpu"], settings["tensorrt"])
+            same_graph = Path(self.options.cache_dir) / f"refittable-{key}.plan"
+            if same_graph.is_file():
+                out.write_bytes(refit_plan(same_graph.read_bytes(), onnx_weights(model)))
+                return
+        build_plan(prepared, out, profiles(spec, self.options.hot_sizes_px), self.options, timing)
+        if same_graph is not None:
+            shutil.copyfile(out, same_graph)
 
     def load(self, spec: StageSpec, version_dir: Path, device: str = "cuda") -> Engine:
         return TensorRtEngine(version_dir / PLAN_FILE, self.tolerance)
