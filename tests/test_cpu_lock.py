@@ -82,6 +82,13 @@ def test_off_turns_the_lock_into_a_no_op(monkeypatch: pytest.MonkeyPatch, tmp_pa
         pass
 
 
+def test_inactive_lock_is_a_no_op_for_engines_off_the_cpu(lock_file: Path) -> None:
+    lock = CpuLock(active=False)
+    assert not lock.enabled
+    with lock:
+        assert other_process_can_lock(lock_file)
+
+
 @pytest.mark.parametrize("setting", ["lock", "off"])
 def test_onnxruntime_engine_spins_only_while_holding_the_lock(
     setting: str, lock_file: Path, monkeypatch: pytest.MonkeyPatch, repository: Path

@@ -37,10 +37,11 @@ def lock_path() -> Path | None:
 
 class CpuLock:
     """Exclusive across processes (flock on the host's lock file) and across this process's threads
-    (flock alone does not exclude two threads sharing one open file)."""
+    (flock alone does not exclude two threads sharing one open file). `active=False` (an engine not on
+    the CPU) or `BIRDGEN_CPU_LOCK=off` make it a no-op."""
 
-    def __init__(self) -> None:
-        path = lock_path()
+    def __init__(self, active: bool = True) -> None:
+        path = lock_path() if active else None
         self.path = path
         self.file = path.open("a") if path else None
         self.threads = threading.Lock()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +185,7 @@ class TorchEngine(TensorEngine):
         self.channels_last = device.type == "cuda" and type(module).__name__ in CONV_WRAPPERS
         self.prepared: dict[tuple[tuple[int, ...], ...], Callable[..., Sequence[torch.Tensor]]] = {}
         # On CPU the module uses every core: one CPU engine computes at a time (see cpu_lock).
-        self.lock: AbstractContextManager[object] = CpuLock() if device.type == "cpu" else nullcontext()
+        self.lock = CpuLock(active=device.type == "cpu")
 
     def _input(self, tensor: TensorSpec, value: torch.Tensor) -> torch.Tensor:
         dtype = value.dtype
