@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,17 @@ class TimedEngine(Engine):
         self.engine = engine
         self.add_seconds = add_seconds
 
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @contextmanager
+    def timing(self) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            return self.engine.infer(inputs)
+            yield
         finally:
             self.add_seconds(time.perf_counter() - start)
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.timing():
+            return self.engine.infer(inputs)
 
 
 class TimedTensorEngine(TimedEngine, TensorEngine):
@@ -106,11 +112,8 @@ class TimedTensorEngine(TimedEngine, TensorEngine):
     engine: TensorEngine
 
     def infer_tensors(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        start = time.perf_counter()
-        try:
+        with self.timing():
             return self.engine.infer_tensors(inputs)
-        finally:
-            self.add_seconds(time.perf_counter() - start)
 
 
 def timed(engine: Engine, add_seconds: Callable[[float], None]) -> TimedEngine:
