@@ -22,6 +22,7 @@ from birdgen.ensemble.free_noise import context_windows, shuffle_context_noise
 from birdgen.ensemble.pipeline import ImagePipeline, Timings
 from birdgen.ensemble.routing import MOTION_UNET
 from birdgen.media import encode_animation, encode_poster
+from birdgen.stages import CONTEXT_INPUTS
 
 
 @dataclass
@@ -70,37 +71,27 @@ class AnimationPipeline(ImagePipeline):
         self,
         request: Any,
         seed: int,
-        prompt_embeds: np.ndarray,
-        pooled: np.ndarray,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
         model: str,
         version: int,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> torch.Tensor:
+        device = prompt_embeds.device
         generator = torch.Generator("cpu").manual_seed(seed)
-        scheduler = self.new_scheduler(request.steps)
+        scheduler = self.new_scheduler(request.steps, device)
         frames = request.num_frames
         latents = self.prepare_latents(
-            request.height, request.width, generator, scheduler.init_noise_sigma, frames=frames
+            request.height, request.width, generator, scheduler.init_noise_sigma, device, frames=frames
         )
         latents = shuffle_context_noise(latents, generator)
-        context_frames, context_blend = context_windows(frames)
-        time_ids = np.array(
-            [[request.height, request.width, 0, 0, request.height, request.width]], np.float32
-        )
+        conditions = self.unet_conditions(request, prompt_embeds, pooled)
+        for name, window in zip(CONTEXT_INPUTS, context_windows(frames), strict=True):
+            conditions[name] = torch.from_numpy(window[None]).to(device)
         for step, t in enumerate(scheduler.timesteps, start=1):
-            inputs = {
-                "sample": scheduler.scale_model_input(latents, t).numpy(),
-                "timestep": np.full((1, 1), float(t), np.float32),
-                "encoder_hidden_states": prompt_embeds,
-                "text_embeds": pooled,
-                "time_ids": time_ids,
-                "context_frames": context_frames[None],
-                "context_blend": context_blend[None],
-            }
+            inputs = {"sample": scheduler.scale_model_input(latents, t), **self.timestep(t), **conditions}
             noise_pred = self.runner.run(MOTION_UNET, inputs, model=model, version=version)["noise_pred"]
-            latents = scheduler.step(
-                torch.from_numpy(noise_pred), t, latents, generator=generator, return_dict=False
-            )[0]
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
             if progress:
                 progress("denoise", step, len(scheduler.timesteps))
         return latents
@@ -108,8 +99,8 @@ class AnimationPipeline(ImagePipeline):
     def decode_frames(
         self, latents: torch.Tensor, progress: Callable[[str, int, int], None] | None = None
     ) -> np.ndarray:
-        """(1, C, F, h, w) latents -> (F, H, W, 3) uint8, decoded a VAE batch at a time."""
-        per_frame = latents[0].permute(1, 0, 2, 3).contiguous().numpy()
+        """(1, C, F, h, w) latents -> (F, H, W, 3) uint8 on the host, decoded a VAE batch at a time."""
+        per_frame = latents[0].permute(1, 0, 2, 3).contiguous()
         chunk = self.runner.max_batch("vae_decoder")
         pieces = []
         for start in range(0, len(per_frame), chunk):
@@ -118,4 +109,4 @@ class AnimationPipeline(ImagePipeline):
             )
             if progress:
                 progress("decode", min(start + chunk, len(per_frame)), len(per_frame))
-        return np.concatenate(pieces)
+        return torch.cat(pieces).cpu().numpy()

@@ -6,6 +6,11 @@ It reproduces the diffusers pipeline at guidance 0: the same tokenization, the p
 states, the same added time ids, diffusers' own EulerAncestralDiscreteScheduler, and a CPU
 `torch.Generator` drawing the initial latents and each step's noise in the same order, so the same
 seed gives the same image. Only the scheduler math runs here; the heavy models run in their engines.
+
+The loop works where the stages answer: the text encoders' outputs fix the request's device, the
+latents are drawn there (the CPU generator's noise moved over, as diffusers' `randn_tensor` does),
+and the scheduler steps there, so on a GPU no latent, noise prediction or embedding crosses to the
+host between stages; only the decoded picture does, to be encoded.
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ PIPELINE_FILE = "pipeline.json"
 ROLLOUT_ATTEMPTS = 3
 # Prompt embeddings kept per pipeline (per entry model instance): ~100 prompts of real SDXL (630 KB each).
 PROMPT_CACHE_BYTES = 64 * 2**20
-Tensors = dict[str, np.ndarray]
+Tensors = dict[str, torch.Tensor]
 T = TypeVar("T")
-Embeddings = tuple[np.ndarray, np.ndarray, bool]  # prompt embeds, pooled embeds, prompt truncated
+Embeddings = tuple[torch.Tensor, torch.Tensor, bool]  # prompt embeds, pooled embeds, prompt truncated
 
 
 class PromptEmbeddingCache:
@@ -53,7 +58,8 @@ class PromptEmbeddingCache:
     (for one entry model version, which fixes tokenizers and engines). A hit makes no stage call at
     all: on the 2-core machine that is the two BLS calls' 3.4 ms even when Triton's response cache
     answers them, and on a GPU, where that cache does not apply, both encoders' compute too.
-    Arrays are stored read-only, so no caller can change a cached value in place.
+    The tensors stay on their device (GPU memory on a GPU) and are shared by every request of the
+    prompt: the pipeline only reads them, never changes them in place.
     """
 
     def __init__(self, max_bytes: int = PROMPT_CACHE_BYTES) -> None:
@@ -63,7 +69,7 @@ class PromptEmbeddingCache:
 
     @staticmethod
     def _size(value: Embeddings) -> int:
-        return value[0].nbytes + value[1].nbytes
+        return sum(t.numel() * t.element_size() for t in value[:2])
 
     def get(self, text: str) -> Embeddings | None:
         value = self.entries.get(text)
@@ -72,8 +78,6 @@ class PromptEmbeddingCache:
         return value
 
     def put(self, text: str, value: Embeddings) -> None:
-        for array in value[:2]:
-            array.setflags(write=False)
         if text in self.entries:
             self.bytes -= self._size(self.entries.pop(text))
         self.entries[text] = value
@@ -94,10 +98,10 @@ class StageRunner(Protocol):
     def max_batch(self, stage: str) -> int: ...
 
     def run(
-        self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = ...
+        self, stage: str, inputs: Mapping[str, torch.Tensor], model: str | None = None, version: int = ...
     ) -> Tensors: ...
 
-    def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]: ...
+    def run_many(self, calls: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> list[Tensors]: ...
 
 
 @dataclass
@@ -131,14 +135,14 @@ class TimedRunner:
     def max_batch(self, stage: str) -> int:
         return self.runner.max_batch(stage)
 
-    def run(self, stage: str, inputs: Mapping[str, np.ndarray], **where: Any) -> Tensors:
+    def run(self, stage: str, inputs: Mapping[str, torch.Tensor], **where: Any) -> Tensors:
         start = time.perf_counter()
         try:
             return self.runner.run(stage, inputs, **where)
         finally:
             self.ms += _ms_since(start)
 
-    def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]:
+    def run_many(self, calls: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> list[Tensors]:
         start = time.perf_counter()
         try:
             return self.runner.run_many(calls)
@@ -212,7 +216,7 @@ class ImagePipeline:
                 choice, lambda model, v: self.denoise(picture, seed, prompt_embeds, pooled, model, v)
             )
         with timings.stage("vae_decoder"):
-            pixels = self.runner.run("vae_decoder", {"latent": latents.numpy()})["image"][0]
+            pixels = self.runner.run("vae_decoder", {"latent": latents})["image"][0].cpu().numpy()
         metadata = self.describe(picture, prompt, seed, truncated)
         metadata.update(self.unet_facts(choice, version))
         with timings.stage("encode"):
@@ -251,10 +255,10 @@ class ImagePipeline:
             "lora": self.router.lora(choice.model, version),
         }
 
-    def new_scheduler(self, steps: int) -> EulerAncestralDiscreteScheduler:
-        """A fresh scheduler for one request's `steps` (schedulers keep per-run state)."""
+    def new_scheduler(self, steps: int, device: torch.device) -> EulerAncestralDiscreteScheduler:
+        """A fresh scheduler for one request's `steps` on `device` (schedulers keep per-run state)."""
         scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps, device=device)
         scheduler.set_begin_index(0)
         return scheduler
 
@@ -262,32 +266,36 @@ class ImagePipeline:
         self,
         request: ImageRequest,
         seed: int,
-        prompt_embeds: np.ndarray,
-        pooled: np.ndarray,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
         unet: str,
         version: int,
     ) -> torch.Tensor:
-        """prepare_latents and the Euler-ancestral loop, the generator drawing in the pipeline's order."""
+        """prepare_latents and the Euler-ancestral loop, the generator drawing in the pipeline's order,
+        on the device of the prompt embeddings."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        scheduler = self.new_scheduler(request.steps)
-        latents = self.prepare_latents(request.height, request.width, generator, scheduler.init_noise_sigma)
-        time_ids = np.array(
-            [[request.height, request.width, 0, 0, request.height, request.width]], np.float32
+        scheduler = self.new_scheduler(request.steps, prompt_embeds.device)
+        latents = self.prepare_latents(
+            request.height, request.width, generator, scheduler.init_noise_sigma, prompt_embeds.device
         )
+        conditions = self.unet_conditions(request, prompt_embeds, pooled)
         for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(latents, t)
-            inputs = {
-                "sample": model_input.numpy(),
-                "timestep": np.full((1, 1), float(t), np.float32),
-                "encoder_hidden_states": prompt_embeds,
-                "text_embeds": pooled,
-                "time_ids": time_ids,
-            }
+            inputs = {"sample": scheduler.scale_model_input(latents, t), **self.timestep(t), **conditions}
             noise_pred = self.runner.run("unet", inputs, model=unet, version=version)["noise_pred"]
-            latents = scheduler.step(
-                torch.from_numpy(noise_pred), t, latents, generator=generator, return_dict=False
-            )[0]
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
         return latents
+
+    @staticmethod
+    def timestep(t: torch.Tensor) -> Tensors:
+        return {"timestep": t.to(torch.float32).reshape(1, 1)}
+
+    @staticmethod
+    def unet_conditions(request: Any, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> Tensors:
+        """The UNet inputs that stay the same every step: prompt, pooled prompt and SDXL's time ids
+        (original size, crop offset 0, target size), on the embeddings' device."""
+        h, w = request.height, request.width
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=prompt_embeds.device)
+        return {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled, "time_ids": time_ids}
 
     def check_inputs(self, request: ImageRequest) -> None:
         stride = self.dims.pixel_stride
@@ -314,28 +322,33 @@ class ImagePipeline:
                 padding="max_length",
                 max_length=tokenizer.model_max_length,
                 truncation=True,
-                return_tensors="np",
-            ).input_ids.astype(np.int64)
+                return_tensors="pt",
+            ).input_ids.to(torch.int64)
             truncated |= len(tokenizer(text).input_ids) > tokenizer.model_max_length
             ids.append(tokens)
         out_1, out_2 = self.runner.run_many(
             [("text_encoder", {"input_ids": ids[0]}), ("text_encoder_2", {"input_ids": ids[1]})]
         )
-        embeds = np.concatenate([out_1["hidden_states"], out_2["hidden_states"]], axis=-1)
-        # A copy: a BLS output's array may be a view of the response's shared memory, which the cache
-        # would otherwise keep from being reused.
-        return embeds, np.array(out_2["text_embeds"]), truncated
+        embeds = torch.cat([out_1["hidden_states"], out_2["hidden_states"]], dim=-1)
+        # A copy: a BLS output's tensor may be a view of the response's memory (shared memory, or
+        # Triton's CUDA pool), which the cache would otherwise keep from being reused.
+        return embeds, out_2["text_embeds"].clone(), truncated
 
     def prepare_latents(
-        self, height: int, width: int, generator: torch.Generator, sigma: Any, frames: int = 0
+        self,
+        height: int,
+        width: int,
+        generator: torch.Generator,
+        sigma: Any,
+        device: torch.device,
+        frames: int = 0,
     ) -> torch.Tensor:
-        """Initial noise: (1, C, h, w) for an image, (1, C, frames, h, w) for a clip, as diffusers draws."""
+        """Initial noise: (1, C, h, w) for an image, (1, C, frames, h, w) for a clip, as diffusers draws
+        it (on the host from the CPU generator, then moved to `device`)."""
         factor = self.dims.vae_scale_factor
         clip = (frames,) if frames else ()
         shape = (1, self.dims.latent_channels, *clip, height // factor, width // factor)
-        return (
-            randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32) * sigma
-        )
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * sigma
 
     def describe(self, request: ImageRequest, prompt: Prompt, seed: int, truncated: bool) -> dict[str, Any]:
         """The generation facts that travel with the image (and inside the file)."""

@@ -6,6 +6,10 @@ same engine files in-process, for tests and debugging without a server.
 
 A stage call may name a model other than the stage's own (a family UNet serves the `unet` contract)
 and pin its version, so one image is drawn by one version even while a new one rolls out.
+
+Both runners take and give torch tensors, on the device where they are: a GPU stage's outputs stay
+in GPU memory and go back into the next stage call as they are (DLPack both ways in BLS), so the
+pipeline's latents never visit the host between stages.
 """
 
 from __future__ import annotations
@@ -16,24 +20,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
-from birdgen.engines import Engine, engine_kind
+from birdgen.engines import Engine, TensorEngine, engine_kind
+from birdgen.ensemble.triton_model import tensor_from_triton, tensor_to_triton
 from birdgen.stages import StageSpec, repository_specs
 
-Tensors = dict[str, np.ndarray]
+# Stage inputs and outputs: torch tensors on the device where the stage put them (see module doc).
+Tensors = dict[str, torch.Tensor]
 # Triton's messages for a model or version that is not (or no longer) loaded.
 _GONE = ("unknown model", "not ready", "not at ready state", "is not found", "unavailable")
-
-
-def host_array(tensor: Any) -> np.ndarray:
-    """A BLS output as numpy. A GPU stage answers in GPU memory, which `as_numpy` cannot read: that
-    one comes over through DLPack (the scheduler works on the host)."""
-    if tensor.is_cpu():
-        return tensor.as_numpy()
-    import torch
-
-    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
 
 class StageError(RuntimeError):
@@ -62,16 +58,20 @@ class LocalRunner:
         return self.specs[stage].max_batch_size
 
     def run(
-        self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = 1
+        self, stage: str, inputs: Mapping[str, torch.Tensor], model: str | None = None, version: int = 1
     ) -> Tensors:
         key = (model or stage, version)
         if key not in self.engines:
             self.engines[key] = self.kind.load(
                 self.specs[stage], self.repository / key[0] / str(version), self.device
             )
-        return self.engines[key].infer(inputs)
+        engine = self.engines[key]
+        if isinstance(engine, TensorEngine):
+            return engine.infer_tensors(inputs)
+        outputs = engine.infer({name: value.cpu().numpy() for name, value in inputs.items()})
+        return {name: torch.from_numpy(value) for name, value in outputs.items()}
 
-    def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]:
+    def run_many(self, calls: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> list[Tensors]:
         return [self.run(stage, inputs) for stage, inputs in calls]
 
 
@@ -102,13 +102,13 @@ class BlsRunner:
         raise ModelUnavailable(f"model '{model}' has no ready version among {list(versions)}")
 
     def _request(
-        self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = -1
+        self, stage: str, inputs: Mapping[str, torch.Tensor], model: str | None = None, version: int = -1
     ) -> Any:
         return self.pb.InferenceRequest(
             model_name=model or stage,
             model_version=version,
             requested_output_names=[t.name for t in self.specs[stage].outputs],
-            inputs=[self.pb.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
+            inputs=[tensor_to_triton(self.pb, name, value) for name, value in inputs.items()],
         )
 
     def _outputs(self, stage: str, response: Any) -> Tensors:
@@ -117,16 +117,16 @@ class BlsRunner:
             gone = any(text in message.lower() for text in _GONE)
             raise (ModelUnavailable if gone else StageError)(f"stage '{stage}' failed: {message}")
         return {
-            t.name: host_array(self.pb.get_output_tensor_by_name(response, t.name))
+            t.name: tensor_from_triton(self.pb.get_output_tensor_by_name(response, t.name))
             for t in self.specs[stage].outputs
         }
 
     def run(
-        self, stage: str, inputs: Mapping[str, np.ndarray], model: str | None = None, version: int = -1
+        self, stage: str, inputs: Mapping[str, torch.Tensor], model: str | None = None, version: int = -1
     ) -> Tensors:
         return self._outputs(stage, self._request(stage, inputs, model, version).exec())
 
-    def run_many(self, calls: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> list[Tensors]:
+    def run_many(self, calls: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> list[Tensors]:
         async def gather() -> list[Any]:
             return await asyncio.gather(
                 *(self._request(stage, inputs).async_exec() for stage, inputs in calls)

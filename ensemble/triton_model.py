@@ -6,6 +6,7 @@ alone (its batch-mates are unaffected), anything else an INTERNAL error with the
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import traceback
@@ -143,31 +144,45 @@ def engine_seconds_metric(pb: Any, args: dict[str, str]) -> tuple[Any, Any]:
     return family, family.Metric(labels=labels)
 
 
+def tensor_from_triton(tensor: Any) -> Any:
+    """A Triton tensor as a torch tensor on its device, sharing its memory (DLPack)."""
+    import torch
+
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def tensor_to_triton(pb: Any, name: str, value: Any) -> Any:
+    """A torch tensor as a Triton tensor on its device, sharing its memory (DLPack)."""
+    import torch
+
+    return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+
+
+def numpy_from_triton(tensor: Any) -> np.ndarray:
+    return tensor.as_numpy()
+
+
+def numpy_to_triton(pb: Any, name: str, value: np.ndarray) -> Any:
+    return pb.Tensor(name, np.ascontiguousarray(value))
+
+
 def run_batched(pb: Any, spec: StageSpec, engine: Engine, requests: Sequence[Any]) -> list[Any]:
     """Run the requests the dynamic batcher merged as one engine call, then split the outputs back.
 
     A TensorEngine gets Triton's tensors through DLPack where they are (a GPU stage's inputs stay on
     the GPU) and hands its outputs back the same way; any other engine works on numpy.
     """
+    read: Callable[[Any], Any]
+    write: Callable[[str, Any], Any]
+    merge: Callable[[list[Any]], Any]
+    run: Callable[[dict[str, Any]], dict[str, Any]]
     if isinstance(engine, TensorEngine):
         import torch
 
-        def read(tensor: Any) -> Any:
-            return torch.from_dlpack(tensor.to_dlpack())
-
-        def write(name: str, value: Any) -> Any:
-            return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
-
-        merge: Callable[[list[Any]], Any] = torch.cat
-        run: Callable[[dict[str, Any]], dict[str, Any]] = engine.infer_tensors
+        read, write = tensor_from_triton, functools.partial(tensor_to_triton, pb)
+        merge, run = torch.cat, engine.infer_tensors
     else:
-
-        def read(tensor: Any) -> Any:
-            return tensor.as_numpy()
-
-        def write(name: str, value: Any) -> Any:
-            return pb.Tensor(name, np.ascontiguousarray(value))
-
+        read, write = numpy_from_triton, functools.partial(numpy_to_triton, pb)
         merge, run = np.concatenate, engine.infer
     try:
         per_request = [

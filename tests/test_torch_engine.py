@@ -313,3 +313,63 @@ def test_gpu_stage_keeps_tensors_on_the_device(torch_repository: Path) -> None:
     engine = engine_kind("torch", "cpu").load(spec, torch_repository / "unet" / "1", "cuda:0")
     for _, outputs in served_batches(engine, spec, "cuda"):
         assert all(value.is_cuda and value.dtype == torch.float32 for value in outputs.values())
+
+
+# -- the entry loop keeps its tensors where the stages answer -------------------------------------------
+
+
+def stage_inputs_seen(repository: Path, device: str, pipeline_class: type, request: Any) -> tuple[Any, dict]:
+    """Run `request` in-process on `device`, noting the type and device of every stage input."""
+    from birdgen.ensemble.runners import LocalRunner
+
+    seen: dict[tuple[str, str], set[tuple[type, str]]] = {}
+
+    class Recording(LocalRunner):
+        def run(self, stage: str, inputs: Any, model: str | None = None, version: int = 1) -> Any:
+            for name, value in inputs.items():
+                where = value.device.type if isinstance(value, torch.Tensor) else "host"
+                seen.setdefault((stage, name), set()).add((type(value), where))
+            return super().run(stage, inputs, model, version)
+
+    result = pipeline_class(repository / "bird_image" / "1", Recording(repository, device))(request)
+    return result, seen
+
+
+def assert_device_resident(seen: dict, device: str) -> None:
+    """Only token ids come from the host (the tokenizers); every other stage input is a tensor already
+    on the stages' device: latents, noise predictions and embeddings never visit the host."""
+    for (stage, name), kinds in seen.items():
+        want = "cpu" if name == "input_ids" else torch.device(device).type
+        assert kinds == {(torch.Tensor, want)}, (stage, name, kinds)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=needs_cuda)])
+def test_image_loop_keeps_tensors_on_the_stage_device(
+    torch_repository: Path, reference_pipeline, device: str
+) -> None:
+    from birdgen.ensemble.pipeline import ImagePipeline
+    from birdgen.schema import parse_image_request
+
+    request = parse_image_request({**ROBIN, "steps": 2, "width": 256, "height": 256, "seed": 5})
+    result, seen = stage_inputs_seen(torch_repository, device, ImagePipeline, request)
+    assert {stage for stage, _ in seen} == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    assert_device_resident(seen, device)
+    want = diffusers_image(reference_pipeline, result.metadata, 5)
+    if device == "cpu":
+        assert_close_to_reference(result.pixels, want)
+    else:  # fp16 stages against diffusers' float32 on CPU (stated tolerance, in uint8 levels)
+        diff = np.abs(result.pixels.astype(np.int16) - want.astype(np.int16))
+        assert diff.mean() <= 2.0 and np.percentile(diff, 99) <= 12, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=needs_cuda)])
+def test_clip_loop_keeps_tensors_on_the_stage_device(torch_repository: Path, device: str) -> None:
+    from birdgen.ensemble.animation import AnimationPipeline
+    from birdgen.schema import AnimationRequest
+    from tests.conftest import CLIP
+
+    request = AnimationRequest(**CLIP, steps=2, format="webp")
+    result, seen = stage_inputs_seen(torch_repository, device, AnimationPipeline, request)
+    assert ("motion_unet", "context_blend") in seen and ("vae_decoder", "latent") in seen
+    assert_device_resident(seen, device)
+    assert result.frames.shape == (16, 256, 256, 3) and result.frames.dtype == np.uint8
