@@ -101,13 +101,9 @@ class AnimationPipeline(ImagePipeline):
         conditions = self.unet_conditions(request, prompt_embeds, pooled)
         for name, window in zip(CONTEXT_INPUTS, context_windows(frames), strict=True):
             conditions[name] = torch.from_numpy(window[None]).to(device)
-        for step, t in enumerate(scheduler.timesteps, start=1):
-            inputs = {"sample": scheduler.scale_model_input(latents, t), **self.timestep(t), **conditions}
-            noise_pred = self.runner.run(MOTION_UNET, inputs, model=model, version=version)["noise_pred"]
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
-            if progress:
-                progress("denoise", step, len(scheduler.timesteps))
-        return latents
+        return self.run_steps(
+            MOTION_UNET, scheduler, latents, generator, conditions, model, version, progress
+        )
 
     def decode_frames(
         self, latents: torch.Tensor, progress: Callable[[str, int, int], None] | None = None

@@ -279,15 +279,32 @@ class ImagePipeline:
             request.height, request.width, generator, scheduler.init_noise_sigma, prompt_embeds.device
         )
         conditions = self.unet_conditions(request, prompt_embeds, pooled)
-        for t in scheduler.timesteps:
-            inputs = {"sample": scheduler.scale_model_input(latents, t), **self.timestep(t), **conditions}
-            noise_pred = self.runner.run("unet", inputs, model=unet, version=version)["noise_pred"]
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
-        return latents
+        return self.run_steps("unet", scheduler, latents, generator, conditions, unet, version)
 
-    @staticmethod
-    def timestep(t: torch.Tensor) -> Tensors:
-        return {"timestep": t.to(torch.float32).reshape(1, 1)}
+    def run_steps(
+        self,
+        stage: str,
+        scheduler: EulerAncestralDiscreteScheduler,
+        latents: torch.Tensor,
+        generator: torch.Generator,
+        conditions: Tensors,
+        model: str,
+        version: int,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """The Euler-ancestral loop over `stage` (UNet or motion UNet) pinned to `model`/`version`,
+        with `conditions` the inputs that stay the same every step; `progress` hears each step."""
+        for step, t in enumerate(scheduler.timesteps, start=1):
+            inputs = {
+                "sample": scheduler.scale_model_input(latents, t),
+                "timestep": t.to(torch.float32).reshape(1, 1),
+                **conditions,
+            }
+            noise_pred = self.runner.run(stage, inputs, model=model, version=version)["noise_pred"]
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+            if progress:
+                progress("denoise", step, len(scheduler.timesteps))
+        return latents
 
     @staticmethod
     def unet_conditions(request: Any, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> Tensors:

@@ -6,7 +6,6 @@ alone (its batch-mates are unaffected), anything else an INTERNAL error with the
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 import traceback
@@ -172,18 +171,12 @@ def run_batched(pb: Any, spec: StageSpec, engine: Engine, requests: Sequence[Any
     A TensorEngine gets Triton's tensors through DLPack where they are (a GPU stage's inputs stay on
     the GPU) and hands its outputs back the same way; any other engine works on numpy.
     """
-    read: Callable[[Any], Any]
-    write: Callable[[str, Any], Any]
-    merge: Callable[[list[Any]], Any]
-    run: Callable[[dict[str, Any]], dict[str, Any]]
     if isinstance(engine, TensorEngine):
         import torch
 
-        read, write = tensor_from_triton, functools.partial(tensor_to_triton, pb)
-        merge, run = torch.cat, engine.infer_tensors
+        read, write, merge, run = tensor_from_triton, tensor_to_triton, torch.cat, engine.infer_tensors
     else:
-        read, write = numpy_from_triton, functools.partial(numpy_to_triton, pb)
-        merge, run = np.concatenate, engine.infer
+        read, write, merge, run = numpy_from_triton, numpy_to_triton, np.concatenate, engine.infer
     try:
         per_request = [
             {t.name: read(pb.get_input_tensor_by_name(r, t.name)) for t in spec.inputs} for r in requests
@@ -195,7 +188,7 @@ def run_batched(pb: Any, spec: StageSpec, engine: Engine, requests: Sequence[Any
         return [error_response(pb, exc) for _ in requests]
     responses, offset = [], 0
     for size in sizes:
-        tensors = [write(t.name, outputs[t.name][offset : offset + size]) for t in spec.outputs]
+        tensors = [write(pb, t.name, outputs[t.name][offset : offset + size]) for t in spec.outputs]
         responses.append(pb.InferenceResponse(output_tensors=tensors))
         offset += size
     return responses

@@ -42,7 +42,6 @@ class CpuLock:
 
     def __init__(self, active: bool = True) -> None:
         path = lock_path() if active else None
-        self.path = path
         self.file = path.open("a") if path else None
         self.threads = threading.Lock()
 
