@@ -176,34 +176,55 @@ def map_error(exc: InferenceServerException, url: str, deadline_s: float) -> Bir
 
 
 class Attempts:
-    """One call's deadline and retry budget, shared by everything the call does (cache wait, retries)."""
+    """One call's deadline and retry budget, shared by everything the call does (cache wait, retries).
 
-    def __init__(self, policy: RetryPolicy, deadline_s: float, url: str) -> None:
+    The deadline ends a call with DeadlineExceededError wherever it falls: during an attempt, or
+    where the next retry's pause would cross it (that retry is not made). ServerUnavailableError
+    means the attempts ran out first, or the failure was the only attempt allowed.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        deadline_s: float,
+        url: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.policy = policy
         self.deadline_s = deadline_s
         self.url = url
-        self._deadline = time.monotonic() + deadline_s
+        self._clock = clock
+        self._deadline = clock() + deadline_s
         self._failures = 0
+        self._last: BirdgenError | None = None
 
     def remaining(self) -> float:
-        return self._deadline - time.monotonic()
+        return self._deadline - self._clock()
+
+    def expired(self) -> DeadlineExceededError:
+        return DeadlineExceededError(f"no answer from {self.url} within {self.deadline_s:g}s", self._last)
 
     def timeout(self) -> float:
         """The time the next attempt may take; DeadlineExceededError when none is left."""
         remaining = self.remaining()
         if remaining <= 0:
-            raise DeadlineExceededError(f"no answer from {self.url} within {self.deadline_s:g}s")
+            raise self.expired()
         return remaining
 
     def pause_after(self, exc: InferenceServerException) -> float:
         """Seconds to wait before retrying after `exc`; raises its typed error when the code is not
-        retryable, the attempts are used up, or the wait would end past the deadline."""
+        retryable or the attempts are used up, DeadlineExceededError when the deadline ended the
+        attempt or the wait would end past it."""
         self._failures += 1
+        error = map_error(exc, self.url, self.deadline_s)
+        if isinstance(error, DeadlineExceededError):
+            raise self.expired() from None
         if status_name(exc) not in RETRYABLE or self._failures >= self.policy.max_attempts:
-            raise map_error(exc, self.url, self.deadline_s) from None
+            raise error from None
+        self._last = error
         pause = self.policy.backoff(self._failures - 1)
         if pause >= self.remaining():
-            raise map_error(exc, self.url, self.deadline_s) from None
+            raise self.expired() from None
         return pause
 
 

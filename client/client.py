@@ -31,7 +31,6 @@ from birdgen.client.calls import (
     models_of,
     roll_out_order,
 )
-from birdgen.client.errors import DeadlineExceededError
 from birdgen.schema import AnimationRequest, ImageRequest
 
 T = TypeVar("T")
@@ -135,7 +134,10 @@ class BirdClient(ClientBase):
                 try:
                     result, error = answers.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    raise DeadlineExceededError(f"no answer from {self.url} within {timeout:g}s") from None
+                    # As a unary call's timeout: the retry loop turns it into the call's error.
+                    raise InferenceServerException(
+                        "stream timed out", "StatusCode.DEADLINE_EXCEEDED"
+                    ) from None
                 entry = call.answer(result, error, on_progress)
                 if entry is not None:
                     return entry

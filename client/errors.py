@@ -20,7 +20,13 @@ class ServerUnavailableError(BirdgenError):
 
 
 class DeadlineExceededError(BirdgenError):
-    """The call did not finish within its deadline."""
+    """The call did not finish within its deadline, whether the deadline fell during an attempt or
+    between retries. A call that was retrying keeps its last retryable failure in `last_error`
+    (a ServerUnavailableError), also named in the message."""
+
+    def __init__(self, message: str, last_error: BirdgenError | None = None) -> None:
+        super().__init__(message if last_error is None else f"{message}; last failure: {last_error}")
+        self.last_error = last_error
 
 
 class GenerationError(BirdgenError):

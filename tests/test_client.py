@@ -18,10 +18,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, serialize_byte_tensor
 
 from birdgen.client import (
     AsyncBirdClient,
@@ -34,10 +33,12 @@ from birdgen.client import (
     ServerUnavailableError,
     cache_key,
 )
+from birdgen.client.calls import Attempts
 from birdgen.schema import ImageRequest
 from birdgen.server import free_port
 from tests.conftest import CLIP, ROBIN
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401
+from tests.triton_stats import requests_served
 
 # tests.test_animation's clip, without importing torch with it.
 FAST = RetryPolicy(max_attempts=4, base_s=0.01, max_s=0.05)
@@ -52,14 +53,18 @@ FILES = {
 
 
 class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Fails its first calls with the given codes, then answers after `delay_s`; records each call's
-    gRPC metadata. Its metadata output echoes the request it got."""
+    """Fails its first calls with the given codes, then answers; records each call's gRPC metadata.
+    Its metadata output echoes the request it got. With `hold`, an answer waits until `release` is
+    set (`serving` sets it on the way out), and `answered` counts the answers sent."""
 
-    def __init__(self, failures: tuple[grpc.StatusCode, ...] = (), delay_s: float = 0.0) -> None:
+    def __init__(self, failures: tuple[grpc.StatusCode, ...] = (), hold: bool = False) -> None:
         self.failures = list(failures)
-        self.delay_s = delay_s
         self.calls: list[dict[str, str]] = []
+        self.release = threading.Event()
+        self.answered = 0
         self._lock = threading.Lock()
+        if not hold:
+            self.release.set()
 
     def _answer(self, context: grpc.ServicerContext) -> None:
         with self._lock:
@@ -67,7 +72,9 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             failure = self.failures.pop(0) if self.failures else None
         if failure is not None:
             context.abort(failure, f"fake {failure.name}")
-        time.sleep(self.delay_s)
+        self.release.wait(timeout=60)
+        with self._lock:
+            self.answered += 1
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._answer(context)
@@ -127,6 +134,7 @@ def serving(
     try:
         yield f"127.0.0.1:{port}"
     finally:
+        fake.release.set()
         server.stop(grace=None)
 
 
@@ -183,11 +191,13 @@ def test_retries_stop_after_max_attempts(kind: str) -> None:
 
 
 def test_the_client_waits_the_backoff_between_attempts(kind: str) -> None:
+    """Without jitter the two pauses are 0.2 and 0.4 s: the call cannot end sooner (sleeps never end
+    early; how much later it ends depends on the machine, so that is not asserted)."""
     fake = FakeTriton(failures=(grpc.StatusCode.UNAVAILABLE,) * 2)
     start = time.monotonic()
     with serving(fake) as url:
         generate(kind, url, "generate_image", ROBIN, retry=RetryPolicy(3, 0.2, 1.0, jitter=False))
-    assert 0.2 + 0.4 <= time.monotonic() - start < 0.6 + 1.0
+    assert time.monotonic() - start >= 0.2 + 0.4 and len(fake.calls) == 3
 
 
 def test_backoff_doubles_up_to_the_cap_and_full_jitter_stays_below_it() -> None:
@@ -209,13 +219,67 @@ def test_a_bad_retry_policy_names_the_field(fields: dict[str, Any], wrong: str) 
 
 
 def test_retries_never_run_past_the_deadline(kind: str) -> None:
+    """The deadline, not the 1000 attempts, ends the call: DeadlineExceededError, whether it fell
+    during an attempt or where the next pause would cross it (which depends on the machine's load)."""
     fake = FakeTriton(failures=(grpc.StatusCode.UNAVAILABLE,) * 1000)
-    start = time.monotonic()
-    with serving(fake) as url, pytest.raises(ServerUnavailableError):
+    with serving(fake) as url, pytest.raises(DeadlineExceededError, match=r"within 0\.6s") as caught:
         policy = RetryPolicy(max_attempts=1000, base_s=0.05, max_s=0.2)
         generate(kind, url, "generate_image", ROBIN, retry=policy, call={"deadline_s": 0.6})
-    assert time.monotonic() - start < 0.6 + 0.4
-    assert 2 <= len(fake.calls) < 100
+    assert 1 <= len(fake.calls) < 1000
+    if len(fake.calls) > 1:  # it was retrying: the last failure goes with the error
+        assert isinstance(caught.value.last_error, ServerUnavailableError)
+        assert "UNAVAILABLE" in str(caught.value)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def unavailable() -> InferenceServerException:
+    return InferenceServerException("fake UNAVAILABLE", "StatusCode.UNAVAILABLE")
+
+
+def test_the_deadline_ends_a_retrying_call_with_the_last_failure_wherever_it_falls() -> None:
+    """The promise, on a fake clock: DeadlineExceededError carrying the last retryable failure, when
+    the deadline falls in a pause, during an attempt, or before an attempt starts."""
+    policy = RetryPolicy(max_attempts=10, base_s=0.2, max_s=0.2, jitter=False)
+
+    clock = FakeClock()  # the pause after the first failure would end past the deadline
+    attempts = Attempts(policy, 0.5, "fake:1", clock=clock)
+    assert attempts.pause_after(unavailable()) == pytest.approx(0.2)
+    clock.now += 0.35  # 0.15 s left, the next pause is 0.2 s
+    with pytest.raises(DeadlineExceededError, match=r"last failure: .*UNAVAILABLE") as in_pause:
+        attempts.pause_after(unavailable())
+    assert isinstance(in_pause.value.last_error, ServerUnavailableError)
+
+    clock = FakeClock()  # the retry started in time and the deadline fell during it
+    attempts = Attempts(policy, 0.5, "fake:1", clock=clock)
+    attempts.pause_after(unavailable())
+    timed_out = InferenceServerException("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED")
+    with pytest.raises(DeadlineExceededError, match=r"within 0\.5s; last failure") as in_attempt:
+        attempts.pause_after(timed_out)
+    assert isinstance(in_attempt.value.last_error, ServerUnavailableError)
+
+    clock = FakeClock()  # no time left for the next attempt at all
+    attempts = Attempts(policy, 0.5, "fake:1", clock=clock)
+    attempts.pause_after(unavailable())
+    clock.now += 0.5
+    with pytest.raises(DeadlineExceededError) as before_attempt:
+        attempts.timeout()
+    assert isinstance(before_attempt.value.last_error, ServerUnavailableError)
+
+    # A deadline on the first attempt has no earlier failure; used-up attempts are not a deadline.
+    first = Attempts(policy, 0.5, "fake:1", clock=FakeClock())
+    with pytest.raises(DeadlineExceededError) as alone:
+        first.pause_after(timed_out)
+    assert alone.value.last_error is None
+    once = Attempts(RetryPolicy(max_attempts=1), 0.5, "fake:1", clock=FakeClock())
+    with pytest.raises(ServerUnavailableError):
+        once.pause_after(unavailable())
 
 
 def test_a_server_that_comes_up_during_the_retries_is_reached(kind: str) -> None:
@@ -230,9 +294,10 @@ def test_a_server_that_comes_up_during_the_retries_is_reached(kind: str) -> None
             finished.wait(timeout=10)
 
     threading.Thread(target=start_late, daemon=True).start()
-    policy = RetryPolicy(max_attempts=50, base_s=0.05, max_s=0.5)
+    # Budgets far past the server's start, so only the retrying is tested, not the machine's speed.
+    policy = RetryPolicy(max_attempts=1000, base_s=0.05, max_s=0.5)
     try:
-        image = generate(kind, f"127.0.0.1:{port}", "generate_image", ROBIN, retry=policy, deadline_s=6.0)
+        image = generate(kind, f"127.0.0.1:{port}", "generate_image", ROBIN, retry=policy, deadline_s=60.0)
     finally:
         finished.set()
     assert started.is_set() and image.data == FILES["image"] and len(fake.calls) == 1
@@ -241,12 +306,13 @@ def test_a_server_that_comes_up_during_the_retries_is_reached(kind: str) -> None
 # -- deadlines ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["per call", "client default"])
 def test_the_deadline_is_honoured(kind: str, where: str) -> None:
+    """The fake holds its answer until the test ends: the client gave up on its own deadline."""
     options: dict[str, Any] = {"call": {"deadline_s": 0.3}} if where == "per call" else {"deadline_s": 0.3}
-    fake = FakeTriton(delay_s=3.0)
-    start = time.monotonic()
-    with serving(fake) as url, pytest.raises(DeadlineExceededError, match=r"0\.3s"):
-        generate(kind, url, "generate_image", ROBIN, retry=FAST, **options)
-    assert time.monotonic() - start < 0.3 + 0.5
+    fake = FakeTriton(hold=True)
+    with serving(fake) as url:
+        with pytest.raises(DeadlineExceededError, match=r"0\.3s"):
+            generate(kind, url, "generate_image", ROBIN, retry=FAST, **options)
+        assert fake.answered == 0
     assert len(fake.calls) == 1  # a deadline is not retried
 
 
@@ -261,12 +327,13 @@ def test_a_stream_hands_over_progress_and_is_retried_before_it_starts(kind: str)
 
 
 def test_a_stream_honours_the_deadline(kind: str) -> None:
-    fake = FakeTriton(delay_s=3.0)
-    start = time.monotonic()
-    with serving(fake) as url, pytest.raises(DeadlineExceededError):
-        call = {"on_progress": lambda _: None, "deadline_s": 0.3}
-        generate(kind, url, "generate_animation", CLIP, retry=FAST, call=call)
-    assert time.monotonic() - start < 0.3 + 0.5 and len(fake.calls) == 1
+    fake = FakeTriton(hold=True)
+    with serving(fake) as url:
+        with pytest.raises(DeadlineExceededError, match=r"0\.3s"):
+            call = {"on_progress": lambda _: None, "deadline_s": 0.3}
+            generate(kind, url, "generate_animation", CLIP, retry=FAST, call=call)
+        assert fake.answered == 0
+    assert len(fake.calls) == 1
 
 
 # -- validation, headers, model control, TLS ---------------------------------------------------------
@@ -341,14 +408,6 @@ def test_mutual_tls(kind: str, certificate: tuple[Path, Path]) -> None:
 
 
 # -- against the real Triton -------------------------------------------------------------------------
-def requests_served(url: str, model: str) -> int:
-    """How many requests `model` has answered, from Triton's statistics (a python model's error
-    response counts as a success there: the request was answered)."""
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
-    return sum(int(stats.get(outcome, {}).get("count", 0)) for outcome in ("success", "fail"))
-
-
 @pytest.mark.triton
 def test_triton_invalid_argument_is_not_retried(server) -> None:
     # Valid for the client's schema (120 frames), too long for this deployment's cap (96, conftest).
@@ -359,7 +418,7 @@ def test_triton_invalid_argument_is_not_retried(server) -> None:
         pytest.raises(InvalidRequestError, match="at most 96 frames"),
     ):
         client.generate_animation(too_long)
-    assert requests_served(server.grpc_url, "bird_animation") == before + 1
+    assert requests_served(server.grpc_url, "bird_animation", at_least=before + 1) == before + 1
 
 
 @pytest.mark.triton
@@ -405,12 +464,21 @@ def test_a_repeat_comes_from_redis_and_a_redis_outage_does_not_fail_requests(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     registry = CollectorRegistry()
-    cache = ResponseCache(redis_server.url, registry=registry)
+    # A socket timeout no loaded machine reaches: this test is about the repeat, not slow Redis (a
+    # 0.25 s timeout on a busy 2-core machine made the repeat a miss; test_cache covers timeouts).
+    cache = ResponseCache(redis_server.url, registry=registry, socket_timeout_s=10.0)
     request = {**ROBIN, "seed": 777}
+    before = requests_served(server.grpc_url, "bird_image")
     with BirdClient(server.grpc_url, cache=cache) as client:
         first = client.generate_image(request)
-        served = requests_served(server.grpc_url, "bird_image")
+        served = requests_served(server.grpc_url, "bird_image", at_least=before + 1)
+        assert served == before + 1
         again = client.generate_image(request)
+        assert [registry.get_sample_value(f"birdgen_cache_{w}_total", {"kind": "image"}) for w in WHAT] == [
+            1,
+            1,
+            None,
+        ]
         assert requests_served(server.grpc_url, "bird_image") == served  # Triton was not asked
         assert again == first
         assert cache._redis.exists(cache_key(ImageRequest(**request), "bird_image/1"))
@@ -419,6 +487,7 @@ def test_a_repeat_comes_from_redis_and_a_redis_outage_does_not_fail_requests(
     cache.close()
     counts = [registry.get_sample_value(f"birdgen_cache_{w}_total", {"kind": "image"}) for w in WHAT]
     assert counts == [1, 1, 1]
+    assert requests_served(server.grpc_url, "bird_image", at_least=served + 1) == served + 1
 
 
 @pytest.mark.triton
@@ -437,6 +506,6 @@ def test_concurrent_identical_async_requests_generate_once(server, redis_server:
     results = asyncio.run(main())
     cache.close()
     assert all(r == results[0] for r in results)
-    assert requests_served(server.grpc_url, "bird_image") == before + 1
+    assert requests_served(server.grpc_url, "bird_image", at_least=before + 1) == before + 1
     assert registry.get_sample_value("birdgen_cache_misses_total", {"kind": "image"}) == 1
     assert registry.get_sample_value("birdgen_cache_hits_total", {"kind": "image"}) == 3

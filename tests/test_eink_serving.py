@@ -27,7 +27,7 @@ from birdgen.media import read_metadata
 from birdgen.schema import ImageRequest
 from tests.conftest import ROBIN
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401
-from tests.test_client import requests_served
+from tests.triton_stats import requests_served
 
 pytestmark = pytest.mark.triton
 
@@ -118,11 +118,12 @@ def test_client_renders_from_the_cached_png_without_the_server(
 ) -> None:
     cache = ResponseCache(redis_server.url, registry=CollectorRegistry())
     request = eink_request(31, eink_panel="296x128", eink_palette="grey4")
+    start = requests_served(server.grpc_url, "bird_image")
     with BirdClient(server.grpc_url) as plain:
         served = plain.generate_image(**request)
     with BirdClient(server.grpc_url, cache=cache) as client:
         png = client.generate_image(**{**ROBIN, "seed": 31})  # now cached
-        before = requests_served(server.grpc_url, "bird_image")
+        before = requests_served(server.grpc_url, "bird_image", at_least=start + 2)
         local = client.generate_image(**request)
 
         async def from_async_client() -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +112,7 @@ def test_reexport_skips_unchanged_stages_and_redoes_a_damaged_one(
     shutil.copytree(repository, repo)
     before = json.loads((repo / MANIFEST).read_text())
     messages: list[str] = []
-    start = time.perf_counter()
     after = export_repository(tiny_model, repo, progress=messages.append)
-    assert time.perf_counter() - start < 15  # nothing exported: hashing only
     assert all("up to date" in m for m in messages) and len(messages) == len(before["stages"])
     assert after["model_version"] == before["model_version"] and after["files"] == before["files"]
 

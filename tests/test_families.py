@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -141,20 +140,25 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
     failures: list[BaseException] = []
     versions: list[int] = []
     stop = threading.Event()
+    answered = threading.Condition()
 
     def stream(worker: int) -> None:
         with BirdClient(explicit_server.grpc_url) as client:
-            for i in range(40):  # bounded: at most 40 requests per worker
+            for i in range(1000):  # bounded: until `stop`, at most 1000 requests per worker
                 if stop.is_set():
                     return
                 try:
-                    versions.append(
-                        client.generate_image(**{**ROBIN, "seed": 1000 * worker + i}).metadata["unet"][
-                            "version"
-                        ]
-                    )
+                    image = client.generate_image(**{**ROBIN, "seed": 1000 * worker + i})
                 except BaseException as exc:
                     failures.append(exc)
+                    continue
+                with answered:
+                    versions.append(image.metadata["unet"]["version"])
+                    answered.notify_all()
+
+    def wait_for_answers(done: Callable[[], bool]) -> None:
+        with answered:
+            assert answered.wait_for(lambda: done() or bool(failures), timeout=300), versions
 
     manifest = export_repository(
         tiny_model, family_repo, loras={"Passeriformes": loras["b"]}, progress=lambda _: None
@@ -163,12 +167,12 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
     workers = [threading.Thread(target=stream, args=(w,)) for w in range(3)]
     for worker in workers:
         worker.start()
-    time.sleep(1.0)
+    wait_for_answers(lambda: len(versions) >= len(workers))  # traffic flows before the roll-out
     with BirdClient(explicit_server.grpc_url) as client:
         client.roll_out("unet_passeriformes")  # returns once version 2 and the new entries serve
         after = client.generate_image(**{**ROBIN, "seed": 5})
         clip = client.generate_animation(**{**CLIP, "steps": 1, "format": "webp"})
-        time.sleep(1.0)
+    wait_for_answers(lambda: 2 in versions)  # and goes on to the new version after it
     stop.set()
     for worker in workers:
         worker.join(timeout=120)

@@ -48,7 +48,7 @@ from birdgen.pregenerate import (
 from birdgen.schema import AnimationRequest, ImageRequest
 from birdgen.server import free_port
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401
-from tests.test_client import requests_served
+from tests.triton_stats import requests_served
 
 NO_WAIT = RetryPolicy(max_attempts=3, base_s=0.0, max_s=0.0)
 SMALL = {"width": 256, "height": 256, "steps": 1}
@@ -311,6 +311,7 @@ def test_a_real_run_writes_labelled_files_and_warms_the_cache_the_client_reads(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
+    start = requests_served(server.grpc_url, "bird_image")
     summary = pregenerate_catalogue(
         catalogue(tmp_path, ["amerob", "eurrob1"]),
         out,
@@ -336,7 +337,7 @@ def test_a_real_run_writes_labelled_files_and_warms_the_cache_the_client_reads(
 
     registry = CollectorRegistry()
     cache = ResponseCache(redis_server.url, registry=registry)
-    served = requests_served(server.grpc_url, "bird_image")
+    served = requests_served(server.grpc_url, "bird_image", at_least=start + 2)  # the two images
     with BirdClient(server.grpc_url, cache=cache) as client:
         image = client.generate_image(
             species="American Robin",

@@ -15,6 +15,7 @@ from birdgen.media import DIGITAL_SOURCE_TYPE, read_metadata
 from birdgen.schema import ImageRequest
 from birdgen.server import TritonServer, free_port
 from tests.conftest import ROBIN
+from tests.triton_stats import cache_hits, inferences_and_executions
 
 pytestmark = pytest.mark.triton
 
@@ -40,15 +41,9 @@ def test_served_bytes_equal_the_in_process_pipeline(server, local_pipeline) -> N
     assert local_pipeline(ImageRequest(**{**request, "seed": 8})).data != served.data
 
 
-def unet_counts(url: str) -> tuple[int, int]:
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
-
-
 def test_eight_concurrent_requests_batch_in_the_unet_and_match_sequential(server, local_pipeline) -> None:
     requests = [{**ROBIN, "seed": 100 + i, "steps": 4} for i in range(8)]
-    inferences_before, executions_before = unet_counts(server.grpc_url)
+    inferences_before, executions_before = inferences_and_executions(server.grpc_url, "unet")
 
     def generate(request: dict) -> bytes:
         with BirdClient(server.grpc_url) as client:
@@ -56,7 +51,7 @@ def test_eight_concurrent_requests_batch_in_the_unet_and_match_sequential(server
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         served = list(pool.map(generate, requests))
-    inferences, executions = unet_counts(server.grpc_url)
+    inferences, executions = inferences_and_executions(server.grpc_url, "unet", inferences_before + 8 * 4)
     assert inferences - inferences_before == 8 * 4
     # Fewer UNet executions than UNet inferences: concurrent requests shared UNet batches.
     assert executions - executions_before < inferences - inferences_before
@@ -174,23 +169,11 @@ def test_server_restarts_cleanly_and_serves_the_same_bytes(repository) -> None:
 
 
 def test_repeated_request_is_answered_from_tritons_response_cache(server) -> None:
-    def cache_hits() -> int:
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            stats = client.get_inference_statistics("bird_image", as_json=True)["model_stats"][0]
-        return int(stats["inference_stats"].get("cache_hit", {}).get("count", 0))
-
     request = json.dumps({**ROBIN, "seed": 31337})
+    hits = cache_hits(server.grpc_url, "bird_image")
     first = raw_infer(server.grpc_url, request)
-    hits = cache_hits()
     assert raw_infer(server.grpc_url, request) == first
-    assert cache_hits() == hits + 1
-
-
-def encoder_counts(client: grpcclient.InferenceServerClient, name: str) -> tuple[int, int]:
-    """(inferences run, response-cache hits) of a text encoder."""
-    stats = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
-    hits = stats["inference_stats"].get("cache_hit", {}).get("count", 0)
-    return int(stats.get("inference_count", 0)), int(hits)
+    assert cache_hits(server.grpc_url, "bird_image", at_least=hits + 1) == hits + 1
 
 
 def test_text_encoders_answer_repeated_token_ids_from_the_response_cache(server) -> None:
@@ -201,9 +184,10 @@ def test_text_encoders_answer_repeated_token_ids_from_the_response_cache(server)
     tensor.set_data_from_numpy(ids)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         for name in ("text_encoder", "text_encoder_2"):
-            before = encoder_counts(client, name)
+            runs, _ = inferences_and_executions(server.grpc_url, name)
+            hits = cache_hits(server.grpc_url, name)
             first = client.infer(name, [tensor]).as_numpy("hidden_states")
             second = client.infer(name, [tensor]).as_numpy("hidden_states")
-            runs, hits = (a - b for a, b in zip(encoder_counts(client, name), before, strict=True))
-            assert (runs, hits) == (1, 1), name
+            assert inferences_and_executions(server.grpc_url, name, runs + 1)[0] == runs + 1, name
+            assert cache_hits(server.grpc_url, name, hits + 1) == hits + 1, name
             np.testing.assert_array_equal(first, second)

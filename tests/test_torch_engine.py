@@ -50,8 +50,10 @@ def torch_repository(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
         progress=lambda _: None,
     )
     assert manifest["engine"] == "torch"
-    # The CPU engine is the rebuilt module itself: the export's check finds no difference at all.
-    assert all(stage["max_abs_error"] == 0 for stage in manifest["stages"].values())
+    # The CPU engine is the rebuilt module itself: the export's check finds float reordering at most
+    # (the rebuilt motion UNet's attention kernels sum in another order on some CPUs: 1.3e-6 on an
+    # AMD EPYC, 0 elsewhere).
+    assert all(stage["max_abs_error"] <= 1e-5 for stage in manifest["stages"].values())
     return repo
 
 
