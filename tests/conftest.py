@@ -18,6 +18,12 @@ from birdgen.server import TritonServer
 ROBIN = {**DEMO_REQUEST, "width": 256, "height": 256}
 # The same bird as a clip: a behaviour instead of the pose, the animation's own format and steps.
 CLIP = {k: v for k, v in ROBIN.items() if k not in ("pose", "format", "steps")} | {"behaviour": "flying"}
+# Two instances per entry model: enough for concurrent requests to share UNet batches, and each
+# instance is a python-backend process that costs ~2.3 s to start and ~1 s to stop on 2 cores,
+# paid at every server start and roll-out of the suite.
+ENTRY_INSTANCES = 2
+# Only what an image needs: a server that starts without the animation entries and the motion UNet.
+IMAGE_MODELS = ("bird_image", "text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +39,9 @@ def repository(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     # A deployment cap below the request limit, so the tests see one (see test_animation_serving).
-    export_repository(tiny_model, repo, max_frames=96, entry_instances=4, progress=lambda _: None)
+    export_repository(
+        tiny_model, repo, max_frames=96, entry_instances=ENTRY_INSTANCES, progress=lambda _: None
+    )
     return repo
 
 

@@ -16,6 +16,7 @@ from birdgen.export.modules import stage_module
 from birdgen.export.triton_config import parse_pbtxt, stage_config
 from birdgen.model_folder import REQUIRED_PARTS, ModelDims, ModelFolderError, check_model_folder
 from birdgen.stages import image_sizes, stage_specs
+from tests.conftest import ENTRY_INSTANCES
 
 
 def test_tiny_model_has_the_sdxl_turbo_layout(tiny_model: Path) -> None:
@@ -91,7 +92,7 @@ def test_configs_are_valid_triton_model_configs(repository: Path, tiny_model: Pa
         on_gpu = stage_config(spec, ModelDims.from_folder(tiny_model), {"backend": "python", "gpu": True})
         assert not on_gpu.response_cache.enable  # Triton caches CPU buffers; GPU outputs stay there
     entry = parse_pbtxt((repository / "bird_image" / "config.pbtxt").read_text())
-    assert entry.response_cache.enable and entry.instance_group[0].count == 4
+    assert entry.response_cache.enable and entry.instance_group[0].count == ENTRY_INSTANCES
     stream = parse_pbtxt((repository / "bird_animation_stream" / "config.pbtxt").read_text())
     assert stream.model_transaction_policy.decoupled and not stream.response_cache.enable
     assert [o.name for o in stream.output][-1] == "progress"

@@ -14,7 +14,7 @@ from birdgen.client import BirdClient, InvalidRequestError, ServerUnavailableErr
 from birdgen.media import DIGITAL_SOURCE_TYPE, read_metadata
 from birdgen.schema import ImageRequest
 from birdgen.server import TritonServer, free_port
-from tests.conftest import ROBIN
+from tests.conftest import IMAGE_MODELS, ROBIN
 from tests.triton_stats import cache_hits, inferences_and_executions
 
 pytestmark = pytest.mark.triton
@@ -157,7 +157,7 @@ def test_expert_prompt_override_is_used_verbatim(server) -> None:
 
 
 def test_server_restarts_cleanly_and_serves_the_same_bytes(repository) -> None:
-    server = TritonServer(repository)
+    server = TritonServer(repository, model_control="explicit", load_models=IMAGE_MODELS)
     request = {**ROBIN, "seed": 99}
     with server:
         first = BirdClient(server.grpc_url).generate_image(**request).data
