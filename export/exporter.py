@@ -152,16 +152,62 @@ def _write(path: Path, text: str) -> None:
 
 
 def _build_stage(
-    spec: StageSpec, module: Any, kind: Any, dims: ModelDims, version_dir: Path
+    spec: StageSpec,
+    module: Any,
+    kind: Any,
+    dims: ModelDims,
+    version_dir: Path,
+    base: tuple[Path, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Build one engine into `version_dir`, check it against `module`, return its manifest record."""
+    """Build one engine into `version_dir`, check it against `module`, return its manifest record.
+
+    With `base` (a built version folder, and the weights of `module` that differ from the module
+    built there), the kind may derive the engine from that one instead (EngineKind.derive); a
+    derivation the kind refuses, or whose check fails, falls back to a build.
+    """
     version_dir.mkdir(parents=True)
+    if base is not None:
+        record = _derived_stage(spec, module, kind, dims, version_dir, *base)
+        if record is not None:
+            return record
     sizes = image_sizes(dims, 64, 64, CLIP_FRAMES[0])
     sample = spec.sample_inputs(min(2, spec.max_batch_size), sizes, dims.vocab_size)
     artifacts = kind.build(spec, module, sample, version_dir)
     error = check_engine(spec, module, kind.load(spec, version_dir), dims)
     write_model_py("stage", version_dir)
     return {"max_abs_error": error, "artifacts": {p.name: sha256_file(p) for p in artifacts}}
+
+
+def _derived_stage(
+    spec: StageSpec,
+    module: Any,
+    kind: Any,
+    dims: ModelDims,
+    version_dir: Path,
+    base_dir: Path,
+    names: list[str],
+) -> dict[str, Any] | None:
+    """`_build_stage`'s record for an engine derived from `base_dir`'s; None (and `version_dir`
+    emptied) when the kind cannot derive it or the derived engine is not `module`."""
+    state = module.state_dict()
+    if not names or any(name not in state for name in names):
+        return None
+    weights = {name: state[name].detach().cpu().numpy() for name in names}
+    artifacts = kind.derive(spec, base_dir, weights, version_dir)
+    try:
+        if artifacts is not None:
+            error = check_engine(spec, module, kind.load(spec, version_dir), dims)
+            write_model_py("stage", version_dir)
+            return {
+                "max_abs_error": error,
+                "artifacts": {p.name: sha256_file(p) for p in artifacts},
+                "weights_into": f"{base_dir.parent.name}/{base_dir.name}",
+            }
+    except RuntimeError:  # the check: the derived engine is not the module
+        pass
+    shutil.rmtree(version_dir)
+    version_dir.mkdir()
+    return None
 
 
 def _export_family_version(
@@ -172,6 +218,7 @@ def _export_family_version(
     previous: dict[str, Any],
     lora: dict[str, Any],
     build: Callable[[], Any],
+    changed: list[str],
     kind: Any,
     dims: ModelDims,
     force: bool,
@@ -179,8 +226,9 @@ def _export_family_version(
 ) -> dict[str, Any]:
     """A family's fused UNet (or motion UNet) as a new model version; the previous record if unchanged.
 
-    Built in a staging folder beside the repository and moved in whole; the oldest versions beyond
-    KEEP_VERSIONS are pruned.
+    `changed` are the fused module's weights the LoRA changed: the engine is the base stage's with
+    those replaced where the kind can (EngineKind.derive), else built. Built in a staging folder
+    beside the repository and moved in whole; the oldest versions beyond KEEP_VERSIONS are pruned.
     """
     from birdgen.export.triton_config import stage_config, to_pbtxt
 
@@ -193,7 +241,8 @@ def _export_family_version(
     progress(f"{spec.name}: fusing {lora['source']} (rank {lora['rank']}) and exporting version {version}")
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out.parent)) / str(version)
     try:
-        record = _build_stage(spec, build(), kind, dims, staging)
+        base = (out / base_spec.name / "1", changed)
+        record = _build_stage(spec, build(), kind, dims, staging, base)
         _write(staging / LORA_FILE, json.dumps(lora, indent=2, sort_keys=True) + "\n")
         _write(
             out / spec.name / "config.pbtxt",
@@ -204,8 +253,9 @@ def _export_family_version(
         shutil.rmtree(staging.parent, ignore_errors=True)
     for stale in _version_dirs(out / spec.name)[:-KEEP_VERSIONS]:
         shutil.rmtree(out / spec.name / str(stale))
+    how = f" ({record['weights_into']} with the LoRA's weights)" if "weights_into" in record else ""
     progress(
-        f"{spec.name}: version {version} done in {time.perf_counter() - start:.1f}s, "
+        f"{spec.name}: version {version} done in {time.perf_counter() - start:.1f}s{how}, "
         f"max |engine - torch| = {record['max_abs_error']:.3g}"
     )
     return {"model": spec.name, "version": version, "key": key, "lora": lora, **record}
@@ -260,7 +310,7 @@ def export_repository(
     """
 
     from birdgen.catalogue import Catalogue
-    from birdgen.export.lora import fused_unet, validate_loras
+    from birdgen.export.lora import fused_unet, lora_weight_names, read_lora, validate_loras
     from birdgen.export.modules import STAGE_PARTS, UNet, motion_unet, motion_unet_module, stage_module
     from birdgen.export.triton_config import stage_config, to_pbtxt
 
@@ -319,6 +369,8 @@ def export_repository(
         }
         record = dict(family_records.get(family, {}))
         fused = functools.partial(fused_unet, model_dir, info.path, family)
+        # The stage wrappers hold the (motion) UNet as `model`; the LoRA changes the same 2D weights.
+        changed = lora_weight_names(read_lora(info.path)[0], prefix="model.")
         builders = {
             "unet": lambda fused=fused: UNet(fused()),
             "motion_unet": lambda fused=fused: UNet(
@@ -332,7 +384,7 @@ def export_repository(
             key = hashlib.sha256((stages[base]["key"] + info.sha256).encode()).hexdigest()
             previous = record if base == "unet" else record.get("motion", {})
             built = _export_family_version(
-                out, spec, specs[base], key, previous, lora, build, kind, dims, force, progress
+                out, spec, specs[base], key, previous, lora, build, changed, kind, dims, force, progress
             )
             if base == "unet":
                 record.update(built)

@@ -4,6 +4,7 @@ running plans only where `import tensorrt` works."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 from pathlib import Path
 
@@ -12,18 +13,21 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from birdgen.engines.onnx_weights import (
+    SCOPES_KEY,
+    onnx_weights,
+    refit_arrays,
+    refit_weight_map,
+    structure_sha256,
+)
 from birdgen.engines.tensorrt import (
     PLAN_FILE,
     TensorRtSettings,
     fp16_report,
-    onnx_weights,
     ort_tensorrt_config,
     plan_cache_key,
     prepare_onnx,
     profiles,
-    refit_arrays,
-    refit_weight_map,
-    structure_sha256,
     tensorrt_hosting,
 )
 from birdgen.export.triton_config import parse_pbtxt, stage_config, to_pbtxt
@@ -208,24 +212,39 @@ def test_refit_map_covers_every_lora_weight(
         np.testing.assert_array_equal(initializers[name], array)
 
 
-def test_a_family_unet_has_the_base_graph_so_its_plan_is_a_refit(
+def test_a_family_unet_has_the_base_graph_so_it_is_derived_and_its_plan_is_a_refit(
     tiny_model: Path, repository: Path, specs: dict[str, StageSpec], dims: ModelDims, tmp_path: Path
 ) -> None:
-    """A LoRA-fused family UNet exports to the base UNet's graph with other weights: the refittable
-    plan of one is refitted into the other (every weight from the new export) instead of rebuilt."""
-    from birdgen.engines.onnxruntime import export_onnx
-    from birdgen.export.lora import fused_unet
+    """A LoRA-fused family UNet exports to the base UNet's graph with other weights. So ONNX Runtime's
+    family engine is the base model.onnx with the LoRA's initializers replaced, equal to the family's
+    own export in every node and weight; and TensorRT's refittable plan of one is refitted into the
+    other (every weight from the new export) instead of rebuilt."""
+    from birdgen.engines.onnxruntime import OnnxRuntimeKind, export_onnx
+    from birdgen.export.lora import fused_unet, lora_weight_names, read_lora
     from birdgen.export.modules import UNet
     from tests.loras import random_lora
 
     spec = specs["unet"]
     sample = spec.sample_inputs(1, image_sizes(dims, 32, 32), dims.vocab_size)
-    family_path = export_onnx(
-        spec,
-        UNet(fused_unet(tiny_model, random_lora(tiny_model, tmp_path / "lora"), "Turdidae")),
-        sample,
-        tmp_path / "family" / "model.onnx",
+    lora = random_lora(tiny_model, tmp_path / "lora")
+    module = UNet(fused_unet(tiny_model, lora, "Turdidae"))
+    family_path = export_onnx(spec, module, sample, tmp_path / "family" / "model.onnx")
+
+    names = lora_weight_names(read_lora(lora)[0], prefix="model.")
+    state = {name: module.state_dict()[name].numpy() for name in names}
+    derived = OnnxRuntimeKind().derive(spec, repository / "unet" / "1", state, tmp_path / "derived")
+    assert derived == [tmp_path / "derived" / "model.onnx"]
+    exported, made = onnx.load(str(family_path)), onnx.load(str(derived[0]))
+    assert structure_sha256(made) == structure_sha256(exported)
+    exported_weights, made_weights = onnx_weights(exported), onnx_weights(made)
+    assert exported_weights.keys() == made_weights.keys()
+    for name, array in exported_weights.items():
+        np.testing.assert_array_equal(made_weights[name], array, err_msg=name)
+    refused = OnnxRuntimeKind().derive(
+        spec, repository / "unet" / "1", {"model.nothing.weight": np.zeros(1)}, tmp_path / "refused"
     )
+    assert refused is None  # a weight the base graph lacks: the exporter builds instead
+
     base, family = (
         onnx.load(str(prepare_onnx(path, tmp_path / f"{name}-prepared.onnx")))
         for name, path in (("base", repository / "unet" / "1" / "model.onnx"), ("family", family_path))
@@ -273,6 +292,24 @@ def test_refit_swaps_families_exactly(
 def test_refit_map_names_a_missing_weight(unet_onnx: onnx.ModelProto) -> None:
     with pytest.raises(ValueError, match=r"model\.nothing\.weight: 0 initializers"):
         refit_weight_map(unet_onnx, ["model.nothing.weight"])
+
+
+def test_refit_map_refuses_an_initializer_two_weights_share(unet_onnx: onnx.ModelProto) -> None:
+    """Setting a shared initializer would change the other weight too (an exporter may store equal
+    constants once): here two Linear layers' pre-transposed weights made one."""
+    shared = onnx.ModelProto()
+    shared.CopyFrom(unet_onnx)
+    initializers = {i.name: tuple(i.dims) for i in shared.graph.initializer}
+    matmuls = [n for n in shared.graph.node if n.op_type == "MatMul" and "." not in n.input[1]]
+    matmuls = [n for n in matmuls if n.input[1] in initializers]
+    one = matmuls[0]
+    other = next(n for n in matmuls[1:] if initializers[n.input[1]] == initializers[one.input[1]])
+    scopes = [next(p.value for p in n.metadata_props if p.key == SCOPES_KEY) for n in (one, other)]
+    weights = [f"{ast.literal_eval(scope)[-2]}.weight" for scope in scopes]
+    assert refit_weight_map(shared, weights)  # apart, each has its own
+    other.input[1] = one.input[1]
+    with pytest.raises(ValueError, match="shared with"):
+        refit_weight_map(shared, weights[:1])
 
 
 def test_prepare_onnx_keeps_outputs_and_names(

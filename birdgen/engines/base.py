@@ -58,6 +58,14 @@ class EngineKind(ABC):
         """Write the stage's artifacts into `out_dir` (a Triton model version folder); return them."""
         raise NotImplementedError
 
+    def derive(
+        self, spec: StageSpec, base_dir: Path, weights: Mapping[str, np.ndarray], out_dir: Path
+    ) -> list[Path] | None:
+        """The artifacts of a module that is the one built into `base_dir` with only `weights`
+        (state-dict names) changed, as a family UNet is the base UNet with its LoRA fused: same graph,
+        other values, without building again. None where this kind cannot (the exporter builds)."""
+        return None
+
     @abstractmethod
     def load(self, spec: StageSpec, version_dir: Path, device: str = "cpu") -> Engine:
         """Load the artifacts `build` wrote."""

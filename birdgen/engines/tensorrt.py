@@ -10,12 +10,11 @@ stack, so those run in NVIDIA's container (nvcr.io/nvidia/tritonserver, or nvcr.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,6 +22,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from birdgen.engines.base import Engine, EngineKind
+from birdgen.engines.onnx_weights import (
+    onnx_weights,
+    refit_weight_map,
+    structure_sha256,
+)
 from birdgen.stages import CAPTURED_SIZES_PX, StageSpec, captured_sizes
 
 if TYPE_CHECKING:
@@ -35,8 +39,6 @@ REFIT_MAP_FILE = "refit_map.json"  # refittable plans: state-dict name -> initia
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24
 NOT_IMPORTABLE = "tensorrt is not importable here ({error}); build TensorRT engines in NVIDIA's container"
-# Where the dynamo exporter records the module a node came from (its last scope is the aten op).
-SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
 class TensorRtUnavailable(ValueError):
@@ -179,47 +181,6 @@ def fp16_report(model: onnx.ModelProto, underflow_fraction: float = 0.01) -> lis
     return issues
 
 
-@dataclass(frozen=True)
-class RefitWeight:
-    """Where a torch weight lives in the ONNX file: the initializer TensorRT refits by name, and
-    whether the exporter stored it transposed (a Linear folded into MatMul(x, W^T))."""
-
-    initializer: str
-    transpose: bool
-
-
-def refit_weight_map(model: onnx.ModelProto, weight_names: Iterable[str]) -> dict[str, RefitWeight]:
-    """torch state-dict names (e.g. the LoRA-touched `<module>.weight`s of a fused UNet) -> ONNX
-    initializers, for TensorRT's refitter (`set_named_weights`, ONNX initializer names).
-
-    The dynamo exporter keeps a parameter's name when the node uses it as is (Conv, Gemm); a Linear
-    without bias becomes MatMul with the weight pre-transposed into an anonymous initializer, found
-    here through the node's recorded module scope. Raises naming any weight with no initializer or
-    with several.
-    """
-    initializers = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    found: dict[str, list[RefitWeight]] = {}
-    for node in model.graph.node:
-        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == SCOPES_KEY), [])
-        for index, name in enumerate(node.input):
-            if name not in initializers:
-                continue
-            if "." in name:  # a parameter's own name
-                found.setdefault(name, []).append(RefitWeight(name, transpose=False))
-            elif node.op_type == "MatMul" and index == 1 and len(scopes) >= 2:
-                found.setdefault(f"{scopes[-2]}.weight", []).append(RefitWeight(name, transpose=True))
-    mapping, problems = {}, []
-    for weight in weight_names:
-        places = sorted(set(found.get(weight, [])), key=lambda r: r.initializer)
-        if len(places) != 1:
-            problems.append(f"{weight}: {len(places)} initializers {[p.initializer for p in places]}")
-        else:
-            mapping[weight] = places[0]
-    if problems:
-        raise ValueError("refit map: weights without exactly one ONNX initializer: " + "; ".join(problems))
-    return mapping
-
-
 def write_refit_map(onnx_path: Path, module: Any, out: Path) -> Path:
     """The refit map of the weights a family LoRA touches (training's target modules), as JSON."""
     import onnx
@@ -234,44 +195,6 @@ def write_refit_map(onnx_path: Path, module: Any, out: Path) -> Path:
     mapping = refit_weight_map(onnx.load(str(onnx_path), load_external_data=False), names)
     out.write_text(json.dumps({k: asdict(v) for k, v in mapping.items()}, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def refit_arrays(
-    mapping: Mapping[str, RefitWeight], state: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """The initializer-named arrays a refit sets, from a (fused) state dict as numpy arrays."""
-    return {
-        place.initializer: np.ascontiguousarray(state[name].T if place.transpose else state[name])
-        for name, place in mapping.items()
-    }
-
-
-# ONNX data types of weights (float); integer initializers are shapes and indices, part of the graph.
-_WEIGHT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
-
-
-def structure_sha256(model: onnx.ModelProto) -> str:
-    """The graph with its float weights' values left out: two exports with the same hash differ only
-    in weights (a base UNet and a family's LoRA-fused one), so a refittable plan of one refits into
-    the other. Names, shapes and integer constants (reshape targets, indices) stay in."""
-    import onnx
-
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
-    for tensor in stripped.graph.initializer:
-        if tensor.data_type in _WEIGHT_TYPES:
-            dims, name, dtype = list(tensor.dims), tensor.name, tensor.data_type
-            tensor.Clear()
-            tensor.name, tensor.data_type = name, dtype
-            tensor.dims.extend(dims)
-    return hashlib.sha256(stripped.SerializeToString(deterministic=True)).hexdigest()
-
-
-def onnx_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every initializer by name: what a refit of this export sets."""
-    from onnx import numpy_helper
-
-    return {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
 
 
 def refit_plan(plan: bytes, weights: Mapping[str, np.ndarray]) -> bytes:
