@@ -28,8 +28,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The slowest tests are listed at the end of every run, to keep an eye on the suite's time.
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -22,6 +22,10 @@ CLIP = {k: v for k, v in ROBIN.items() if k not in ("pose", "format", "steps")} 
 # instance is a python-backend process that costs ~2.3 s to start and ~1 s to stop on 2 cores,
 # paid at every server start and roll-out of the suite.
 ENTRY_INSTANCES = 2
+# The shared repository's export options; a test that exports into a copy of it passes them again,
+# or the export rewrites the entries with its defaults (four instances, the request's frame limit).
+# A deployment cap below the request limit, so the tests see one (see test_animation_serving).
+EXPORT_OPTIONS = {"max_frames": 96, "entry_instances": ENTRY_INSTANCES}
 # Only what an image needs: a server that starts without the animation entries and the motion UNet.
 IMAGE_MODELS = ("bird_image", "text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
@@ -38,10 +42,7 @@ def repository(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from birdgen.export.exporter import export_repository
 
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    # A deployment cap below the request limit, so the tests see one (see test_animation_serving).
-    export_repository(
-        tiny_model, repo, max_frames=96, entry_instances=ENTRY_INSTANCES, progress=lambda _: None
-    )
+    export_repository(tiny_model, repo, **EXPORT_OPTIONS, progress=lambda _: None)
     return repo
 
 

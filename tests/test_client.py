@@ -225,7 +225,7 @@ def test_retries_never_run_past_the_deadline(kind: str) -> None:
     with serving(fake) as url, pytest.raises(DeadlineExceededError, match=r"within 0\.6s") as caught:
         policy = RetryPolicy(max_attempts=1000, base_s=0.05, max_s=0.2)
         generate(kind, url, "generate_image", ROBIN, retry=policy, call={"deadline_s": 0.6})
-    assert 1 <= len(fake.calls) < 1000
+    assert len(fake.calls) < 1000
     if len(fake.calls) > 1:  # it was retrying: the last failure goes with the error
         assert isinstance(caught.value.last_error, ServerUnavailableError)
         assert "UNAVAILABLE" in str(caught.value)
@@ -313,7 +313,7 @@ def test_the_deadline_is_honoured(kind: str, where: str) -> None:
         with pytest.raises(DeadlineExceededError, match=r"0\.3s"):
             generate(kind, url, "generate_image", ROBIN, retry=FAST, **options)
         assert fake.answered == 0
-    assert len(fake.calls) == 1  # a deadline is not retried
+    assert len(fake.calls) <= 1  # a deadline is not retried (0: it fell before the call arrived)
 
 
 def test_a_stream_hands_over_progress_and_is_retried_before_it_starts(kind: str) -> None:
@@ -333,7 +333,7 @@ def test_a_stream_honours_the_deadline(kind: str) -> None:
             call = {"on_progress": lambda _: None, "deadline_s": 0.3}
             generate(kind, url, "generate_animation", CLIP, retry=FAST, call=call)
         assert fake.answered == 0
-    assert len(fake.calls) == 1
+    assert len(fake.calls) <= 1
 
 
 # -- validation, headers, model control, TLS ---------------------------------------------------------

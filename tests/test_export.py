@@ -16,7 +16,7 @@ from birdgen.export.modules import stage_module
 from birdgen.export.triton_config import parse_pbtxt, stage_config
 from birdgen.model_folder import REQUIRED_PARTS, ModelDims, ModelFolderError, check_model_folder
 from birdgen.stages import image_sizes, stage_specs
-from tests.conftest import ENTRY_INSTANCES
+from tests.conftest import ENTRY_INSTANCES, EXPORT_OPTIONS
 
 
 def test_tiny_model_has_the_sdxl_turbo_layout(tiny_model: Path) -> None:
@@ -113,7 +113,7 @@ def test_reexport_skips_unchanged_stages_and_redoes_a_damaged_one(
     shutil.copytree(repository, repo)
     before = json.loads((repo / MANIFEST).read_text())
     messages: list[str] = []
-    after = export_repository(tiny_model, repo, progress=messages.append)
+    after = export_repository(tiny_model, repo, **EXPORT_OPTIONS, progress=messages.append)
     assert all("up to date" in m for m in messages) and len(messages) == len(before["stages"])
     assert after["model_version"] == before["model_version"] and after["files"] == before["files"]
 
@@ -122,7 +122,7 @@ def test_reexport_skips_unchanged_stages_and_redoes_a_damaged_one(
     assert verify_manifest(repo) == ["text_encoder/1/model.onnx"]
     (repo / "unet" / "1" / "model.py").write_text("stale")
     messages.clear()
-    export_repository(tiny_model, repo, progress=messages.append)
+    export_repository(tiny_model, repo, **EXPORT_OPTIONS, progress=messages.append)
     assert [m.split(":")[0] for m in messages if "exporting" in m] == ["text_encoder"]
     assert verify_manifest(repo) == []
     assert "TritonPythonModel" in (repo / "unet" / "1" / "model.py").read_text()  # stale code rewritten

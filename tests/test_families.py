@@ -16,7 +16,7 @@ from birdgen.client import BirdClient
 from birdgen.export.exporter import core_models, export_repository, verify_manifest
 from birdgen.export.lora import LoraError
 from birdgen.server import TritonServer
-from tests.conftest import ROBIN
+from tests.conftest import EXPORT_OPTIONS, ROBIN
 from tests.loras import random_lora
 from tests.test_animation import CLIP, animatediff_sdxl, reference_clip
 from tests.test_parity import assert_close_to_reference, diffusers_image
@@ -36,7 +36,7 @@ def family_repo(repository: Path, tiny_model: Path, loras: dict[str, Path], tmp_
     repo = tmp_path_factory.mktemp("families") / "model_repository"
     shutil.copytree(repository, repo)
     manifest = export_repository(
-        tiny_model, repo, loras={"passeriformes": loras["a"]}, progress=lambda _: None
+        tiny_model, repo, **EXPORT_OPTIONS, loras={"passeriformes": loras["a"]}, progress=lambda _: None
     )
     assert manifest["families"]["Passeriformes"]["version"] == 1
     assert manifest["families"]["Passeriformes"]["motion"]["model"] == "motion_unet_passeriformes"
@@ -47,6 +47,15 @@ def family_repo(repository: Path, tiny_model: Path, loras: dict[str, Path], tmp_
 def explicit_server(family_repo: Path) -> Iterator[TritonServer]:
     with TritonServer(family_repo, model_control="explicit", load_models=core_models(family_repo)) as server:
         yield server
+
+
+def export_family(
+    tiny_model: Path, repo: Path, lora: Path, progress: Callable[[str], None] = lambda _: None
+) -> dict:
+    """Passeriformes' LoRA exported into `repo` (a copy of the shared repository, kept as it is)."""
+    return export_repository(
+        tiny_model, repo, **EXPORT_OPTIONS, loras={"Passeriformes": lora}, progress=progress
+    )
 
 
 def model_state(client: BirdClient, name: str) -> set[tuple[str, str]]:
@@ -161,7 +170,11 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
             assert answered.wait_for(lambda: done() or bool(failures), timeout=300), versions
 
     manifest = export_repository(
-        tiny_model, family_repo, loras={"Passeriformes": loras["b"]}, progress=lambda _: None
+        tiny_model,
+        family_repo,
+        **EXPORT_OPTIONS,
+        loras={"Passeriformes": loras["b"]},
+        progress=lambda _: None,
     )
     assert manifest["families"]["Passeriformes"]["version"] == 2
     workers = [threading.Thread(target=stream, args=(w,)) for w in range(3)]
@@ -188,11 +201,23 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
     assert verify_manifest(family_repo) == []
 
     # A third version prunes the first (the served one and the one before stay); an unchanged LoRA is skipped.
-    export_repository(tiny_model, family_repo, loras={"Passeriformes": loras["a"]}, progress=lambda _: None)
+    export_repository(
+        tiny_model,
+        family_repo,
+        **EXPORT_OPTIONS,
+        loras={"Passeriformes": loras["a"]},
+        progress=lambda _: None,
+    )
     for model in ("unet_passeriformes", "motion_unet_passeriformes"):
         assert sorted(p.name for p in (family_repo / model).iterdir() if p.is_dir()) == ["2", "3"]
     messages: list[str] = []
-    export_repository(tiny_model, family_repo, loras={"Passeriformes": loras["a"]}, progress=messages.append)
+    export_repository(
+        tiny_model,
+        family_repo,
+        **EXPORT_OPTIONS,
+        loras={"Passeriformes": loras["a"]},
+        progress=messages.append,
+    )
     for model in ("unet_passeriformes", "motion_unet_passeriformes"):
         assert f"{model}: up to date (version 3), skipped" in messages
 
@@ -242,7 +267,7 @@ def test_bad_lora_fails_export_and_writes_nothing(
     else:
         lora = tmp_path / "nowhere"
     with pytest.raises((LoraError, ValueError), match=match):
-        export_repository(tiny_model, repo, loras={family: lora}, progress=lambda _: None)
+        export_repository(tiny_model, repo, **EXPORT_OPTIONS, loras={family: lora}, progress=lambda _: None)
     assert snapshot(repo) == before
     assert not list(repo.parent.glob(".unet_*"))
 
