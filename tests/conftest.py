@@ -18,10 +18,12 @@ from birdgen.server import TritonServer
 ROBIN = {**DEMO_REQUEST, "width": 256, "height": 256}
 # The same bird as a clip: a behaviour instead of the pose, the animation's own format and steps.
 CLIP = {k: v for k, v in ROBIN.items() if k not in ("pose", "format", "steps")} | {"behaviour": "flying"}
-# Two instances per entry model: enough for concurrent requests to share UNet batches, and each
-# instance is a python-backend process that costs ~2.3 s to start and ~1 s to stop on 2 cores,
-# paid at every server start and roll-out of the suite.
-ENTRY_INSTANCES = 2
+# Three instances per entry model: while one request's UNet call runs, the other two queue, so
+# concurrent requests share UNet batches (measured under a CPU hog: 19-23 executions for 32 UNet
+# inferences; with two instances the calls alternate and rarely batch, 28-31). Each instance is a
+# python-backend process (~2.3 s to start, ~1 s to stop on 2 cores) paid at every server start and
+# roll-out of the suite, so no more than that (the export's default is four).
+ENTRY_INSTANCES = 3
 # The shared repository's export options; a test that exports into a copy of it passes them again,
 # or the export rewrites the entries with its defaults (four instances, the request's frame limit).
 # A deployment cap below the request limit, so the tests see one (see test_animation_serving).
