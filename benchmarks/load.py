@@ -49,36 +49,37 @@ async def run_point(
     requests: int | None = None,
     duration_s: float | None = None,
     on_done: Callable[[Sample], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[list[Sample], list[str]]:
     """Run one point; returns the samples and the distinct error messages.
 
     With `requests`, exactly that many are sent (at least one per worker); else workers start new
-    requests until `duration_s` has passed and the point ends when the last one is answered.
+    requests until `duration_s` has passed on `clock` and the point ends when the last one is answered.
     """
     if (requests is None) == (duration_s is None):
         raise ValueError("give exactly one of requests or duration_s")
     left = max(requests, concurrency) if requests is not None else None
-    deadline = time.perf_counter() + (duration_s or 0.0)
+    deadline = clock() + (duration_s or 0.0)
     samples: list[Sample] = []
     errors: dict[str, None] = {}  # insertion-ordered set
 
     def another() -> bool:
         nonlocal left
         if left is None:
-            return time.perf_counter() < deadline
+            return clock() < deadline
         left -= 1
         return left >= 0
 
     async def worker() -> None:
         while another():
             seed = next(seeds)
-            start = time.perf_counter()
+            start = clock()
             try:
                 timings, ok = await call(seed), True
             except BirdgenError as exc:
                 timings, ok = {}, False
                 errors[f"{type(exc).__name__}: {exc}"] = None
-            sample = Sample(start, time.perf_counter(), ok, timings)
+            sample = Sample(start, clock(), ok, timings)
             samples.append(sample)
             if on_done is not None:
                 on_done(sample)

@@ -7,6 +7,7 @@ No test here asserts a speed: targets are the harness's to report, not the suite
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,13 @@ def test_a_point_sends_the_requests_asked_with_distinct_seeds_and_concurrency() 
 
 
 def test_a_timed_point_starts_nothing_after_its_deadline() -> None:
-    samples, _ = asyncio.run(run_point(FakeServer(), iter(range(10**6)), 2, duration_s=0.05))
-    starts = [s.start for s in samples]
-    # The deadline is set before the first send, so no send comes 50 ms after the first one.
-    assert samples and max(starts) <= min(starts) + 0.05
+    """On a clock that ticks 10 ms per reading: the deadline is 50 ms after the first reading, and a
+    request's start is the reading right after the check that let it start."""
+    ticks = itertools.count()
+    samples, _ = asyncio.run(
+        run_point(FakeServer(), iter(range(10**6)), 2, duration_s=0.05, clock=lambda: next(ticks) * 0.01)
+    )
+    assert samples and max(s.start for s in samples) < 0.05 + 0.015  # half a tick for float sums
     with pytest.raises(ValueError, match="exactly one"):
         asyncio.run(run_point(FakeServer(), iter(range(10)), 1))
 
