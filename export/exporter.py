@@ -310,7 +310,7 @@ def export_repository(
     """
 
     from birdgen.catalogue import Catalogue
-    from birdgen.export.lora import fused_unet, lora_weight_names, read_lora, validate_loras
+    from birdgen.export.lora import fused_unet, validate_loras
     from birdgen.export.modules import STAGE_PARTS, UNet, motion_unet, motion_unet_module, stage_module
     from birdgen.export.triton_config import stage_config, to_pbtxt
 
@@ -370,7 +370,7 @@ def export_repository(
         record = dict(family_records.get(family, {}))
         fused = functools.partial(fused_unet, model_dir, info.path, family)
         # The stage wrappers hold the (motion) UNet as `model`; the LoRA changes the same 2D weights.
-        changed = lora_weight_names(read_lora(info.path)[0], prefix="model.")
+        changed = [f"model.{name}" for name in info.weights]
         builders = {
             "unet": lambda fused=fused: UNet(fused()),
             "motion_unet": lambda fused=fused: UNet(

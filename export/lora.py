@@ -34,6 +34,7 @@ class LoraInfo:
     sha256: str
     rank: int
     layers: int
+    weights: tuple[str, ...]  # the UNet weights fusing it changes (`<module>.weight`)
 
 
 def lora_file(path: Path) -> Path:
@@ -97,7 +98,8 @@ def check_lora(unet: torch.nn.Module, state: dict[str, torch.Tensor], path: Path
     if len(ranks) != 1:
         raise LoraError(f"{path}: inconsistent LoRA ranks {sorted(ranks)}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoraInfo(path=path, sha256=digest, rank=ranks.pop(), layers=layers)
+    weights = tuple(lora_weight_names(state))
+    return LoraInfo(path=path, sha256=digest, rank=ranks.pop(), layers=layers, weights=weights)
 
 
 def lora_weight_names(state: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
