@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from birdgen.benchmarks.scenarios import Scenario
+from birdgen.contracts import MOTION_ADAPTER
 from birdgen.prompts import PromptLibrary
 from birdgen.schema import parse_animation_request, parse_image_request
-from birdgen.tiny_model import MOTION_ADAPTER
 
 
 def _sync(device: str) -> None:

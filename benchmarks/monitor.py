@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from birdgen.client.calls import ANIMATION_MODEL, ANIMATION_STREAM_MODEL, IMAGE_MODEL
+from birdgen.contracts import ANIMATION_MODEL, ANIMATION_STREAM_MODEL, IMAGE_MODEL
 from birdgen.ensemble.triton_model import ENGINE_SECONDS
 from birdgen.server import live_group_members
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
+from birdgen.contracts import ANIMATION_MODEL
 from birdgen.schema import AnimationRequest, ImageRequest
 
 DEFAULT_REPO = Path("outputs/model_repository")
@@ -97,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from birdgen.client import BirdClient
-    from birdgen.ensemble.routing import family_of
+    from birdgen.contracts import family_of
 
     if args.action != "list" and not args.name:
         raise ValueError(f"models {args.action} needs a model name (see: birdgen models list)")
@@ -180,7 +181,7 @@ def _demo(args: argparse.Namespace) -> int:
             image = client.generate_image(**DEMO_REQUEST)
             seconds = time.perf_counter() - start
             clip, clip_seconds = None, 0.0
-            if "bird_animation" in manifest.get("entries", []):
+            if ANIMATION_MODEL in manifest.get("entries", []):
                 start = time.perf_counter()
                 clip = client.generate_animation(**DEMO_ANIMATION)
                 clip_seconds = time.perf_counter() - start

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from birdgen.contracts import MANIFEST, TARGET_FILE
 from birdgen.server import serving_flags
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "tritonserver_command",
 ]
 
-TARGET_FILE = "export_target.json"
 EXIT_REFUSED = 3  # distinct from the CLI's 2 (usage / fixable input), so an orchestrator can tell them apart
 
 
@@ -79,7 +79,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 def export_reasons(repository: Path, engine: str, gpus: Sequence[str]) -> tuple[list[str], bool]:
     """Why ``repository`` needs an export for ``engine`` on ``gpus`` (empty: it is up to date), and
     whether the export must be forced (the GPUs changed: same stage keys, different hardware)."""
-    from birdgen.export.exporter import MANIFEST
 
     manifest = _read_json(repository / MANIFEST)
     if not manifest:
@@ -126,7 +125,7 @@ def prepare(
 
     Returns the models to load at start. Raises ``RepositoryRefused`` naming the files that differ.
     """
-    from birdgen.export.exporter import MANIFEST, core_models, verify_manifest
+    from birdgen.export.exporter import core_models, verify_manifest
 
     repository = Path(repository)
     gpus = gpu_identity() if gpus is None else list(gpus)

@@ -19,10 +19,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
+from birdgen.contracts import MOTION_ADAPTER
 from birdgen.prompts import DATA_DIR, PromptLibrary, load_data_file
 
 SEED = 20261125
-MOTION_ADAPTER = "motion_adapter"
 MAX_TOKENS = 77
 PRESETS_FILE = DATA_DIR / "model_presets.yaml"
 

@@ -29,9 +29,18 @@ from birdgen.client.errors import (
     InvalidRequestError,
     ServerUnavailableError,
 )
+from birdgen.contracts import (
+    ANIMATION_MODEL,
+    ANIMATION_OUTPUTS,
+    ANIMATION_STREAM_MODEL,
+    IMAGE_MODEL,
+    IMAGE_OUTPUTS,
+    MOTION_UNET,
+    PROGRESS,
+    family_of,
+)
+from birdgen.contracts import family_model as family_model_name
 from birdgen.eink import render_request
-from birdgen.ensemble.routing import MOTION_UNET, family_of
-from birdgen.ensemble.routing import family_model as family_model_name
 from birdgen.schema import (
     EINK,
     AnimationRequest,
@@ -41,12 +50,6 @@ from birdgen.schema import (
     parse_image_request,
 )
 
-IMAGE_MODEL = "bird_image"
-ANIMATION_MODEL = "bird_animation"
-ANIMATION_STREAM_MODEL = "bird_animation_stream"
-IMAGE_OUTPUTS = ("image", "eink_buffer", "metadata")  # eink_buffer: empty unless format is eink
-ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
-PROGRESS = "progress"
 # gRPC codes that say "not now" rather than "not this": the same request may succeed on a retry.
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 # How long a looked-up entry-model version keys the cache before it is asked for again, so a roll-out

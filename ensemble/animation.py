@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from birdgen.contracts import MOTION_UNET
 from birdgen.ensemble.free_noise import context_windows, shuffle_context_noise
 from birdgen.ensemble.pipeline import ImagePipeline, Timings
-from birdgen.ensemble.routing import MOTION_UNET
 from birdgen.media import encode_animation, encode_poster
 from birdgen.stages import CONTEXT_INPUTS
 

@@ -33,6 +33,7 @@ from transformers import CLIPTokenizer
 
 import birdgen
 from birdgen.catalogue import Catalogue
+from birdgen.contracts import PIPELINE_FILE
 from birdgen.eink import render_request
 from birdgen.ensemble.routing import FamilyRouter, UnetChoice
 from birdgen.ensemble.runners import ModelUnavailable
@@ -41,7 +42,6 @@ from birdgen.model_folder import ModelDims
 from birdgen.prompts import Prompt, PromptLibrary
 from birdgen.schema import EINK, ImageRequest, RequestError
 
-PIPELINE_FILE = "pipeline.json"
 # How often a request is redrawn when a roll-out unloads the UNet version it was pinned to.
 ROLLOUT_ATTEMPTS = 3
 # Prompt embeddings kept per pipeline (per entry model instance): ~100 prompts of real SDXL (630 KB each).

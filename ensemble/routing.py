@@ -11,22 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BASE_UNET = "unet"
-MOTION_UNET = "motion_unet"
-LORA_FILE = "lora.json"
-
-
-def family_model(family: str, base: str = BASE_UNET) -> str:
-    """Triton model name of a family's fused UNet (`base` = motion_unet: its AnimateDiff twin)."""
-    return f"{base}_{family.lower()}"
-
-
-def family_of(model: str) -> str | None:
-    """The family suffix of a family UNet's model name (unet_x or motion_unet_x), else None."""
-    for base in (MOTION_UNET, BASE_UNET):
-        if model.startswith(f"{base}_"):
-            return model[len(base) + 1 :]
-    return None
+from birdgen.contracts import BASE_UNET, LORA_FILE, family_model
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from birdgen.contracts import MANIFEST
 from birdgen.engines import Engine, TensorEngine, engine_kind
 from birdgen.ensemble.triton_model import tensor_from_triton, tensor_to_triton
 from birdgen.stages import StageSpec, repository_specs
@@ -45,7 +46,7 @@ class LocalRunner:
 
     def __init__(self, repository: Path, device: str = "cpu") -> None:
         self.repository = Path(repository)
-        manifest = json.loads((self.repository / "manifest.json").read_text())
+        manifest = json.loads((self.repository / MANIFEST).read_text())
         self.kind = engine_kind(manifest["engine"])
         self.specs = repository_specs(manifest)
         self.device = device

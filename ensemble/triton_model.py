@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from birdgen.contracts import MANIFEST, PIPELINE_FILE
 from birdgen.engines import Engine, TensorEngine, engine_kind
 from birdgen.schema import RequestError
 from birdgen.stages import StageSpec, repository_specs
@@ -60,7 +61,7 @@ def entry_pipeline(args: dict[str, str], pipeline_class: type) -> tuple[Any, dic
     from birdgen.ensemble.runners import BlsRunner
 
     version_dir = Path(args["model_repository"]) / args["model_version"]
-    info = json.loads((version_dir / "pipeline.json").read_text())
+    info = json.loads((version_dir / PIPELINE_FILE).read_text())
     return pipeline_class(version_dir, BlsRunner(repository_specs(info))), info
 
 
@@ -73,7 +74,7 @@ def load_stage(args: dict[str, str]) -> tuple[StageSpec, Engine]:
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     model_dir = Path(args["model_repository"])
-    manifest = json.loads((model_dir.parent / "manifest.json").read_text())
+    manifest = json.loads((model_dir.parent / MANIFEST).read_text())
     spec = repository_specs(manifest)[params["stage"]]
     engine = engine_kind(params["engine"]).load(
         spec, model_dir / args["model_version"], instance_device(args)

@@ -24,20 +24,23 @@ from typing import Any
 import numpy as np
 
 import birdgen
+from birdgen.contracts import (
+    ANIMATION_MODEL,
+    ANIMATION_STREAM_MODEL,
+    LORA_FILE,
+    MANIFEST,
+    MOTION_ADAPTER,
+    PIPELINE_FILE,
+    family_model,
+)
+from birdgen.contracts import IMAGE_MODEL as ENTRY_MODEL
 from birdgen.engines import engine_kind
 from birdgen.ensemble.free_noise import CONTEXT_LENGTH
-from birdgen.ensemble.routing import LORA_FILE, family_model
 from birdgen.model_folder import ModelDims, check_model_folder, load_motion_adapter
 from birdgen.schema import ANIMATION
 from birdgen.server import MODEL_BOOTSTRAP
 from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
-from birdgen.tiny_model import MOTION_ADAPTER
 
-ENTRY_MODEL = "bird_image"
-ANIMATION_MODEL = "bird_animation"
-ANIMATION_STREAM_MODEL = "bird_animation_stream"
-MANIFEST = "manifest.json"
-PIPELINE_FILE = "pipeline.json"
 MODEL_PY_DIR = Path(__file__).resolve().parent.parent / "model_repository"
 # Copied into the entry model so the repository is self-contained.
 BOOTSTRAP_MARKER = "# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)"
@@ -73,7 +76,7 @@ def repository_files(repo: Path) -> dict[str, str]:
     Not listed: the manifest itself, and the entrypoint's record of the GPUs the export was built for
     (written after the export; birdgen/entrypoint.py).
     """
-    from birdgen.entrypoint import TARGET_FILE
+    from birdgen.contracts import TARGET_FILE
 
     return {k: v for k, v in _tree_hashes(repo, repo).items() if k not in (MANIFEST, TARGET_FILE)}
 
@@ -447,13 +450,8 @@ def _write_entry(
     LoRA's images and clips. `bird_animation` (and its streaming twin) exist when
     the motion UNet was exported.
     """
-    from birdgen.export.triton_config import (
-        ANIMATION_OUTPUTS,
-        ENTRY_OUTPUTS,
-        STREAM_OUTPUTS,
-        entry_config,
-        to_pbtxt,
-    )
+    from birdgen.contracts import ANIMATION_OUTPUTS, IMAGE_OUTPUTS, STREAM_OUTPUTS
+    from birdgen.export.triton_config import entry_config, to_pbtxt
 
     served = {
         family: {"unet": record["version"], "motion_unet": record.get("motion", {}).get("version")}
@@ -466,7 +464,7 @@ def _write_entry(
         "motion_max_frames": motion_max_frames,
         "families": served,
     }
-    entries = {ENTRY_MODEL: ENTRY_OUTPUTS}
+    entries = {ENTRY_MODEL: IMAGE_OUTPUTS}
     if motion_max_frames:
         entries |= {ANIMATION_MODEL: ANIMATION_OUTPUTS, ANIMATION_STREAM_MODEL: STREAM_OUTPUTS}
     for name, outputs in entries.items():

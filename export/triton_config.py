@@ -11,15 +11,9 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from birdgen.contracts import ENTRY_INPUT, IMAGE_OUTPUTS
 from birdgen.model_folder import ModelDims
 from birdgen.stages import StageSpec, TensorSpec, image_sizes
-
-# `eink_buffer`: the packed panel buffer of a format=eink request (`image` is its PNG preview), else empty.
-ENTRY_INPUT, ENTRY_OUTPUTS = "request", ("image", "eink_buffer", "metadata")
-# An empty string stands for a format the request did not ask for.
-ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
-# The streaming twin adds one JSON progress message per denoising step and decoded chunk.
-STREAM_OUTPUTS = (*ANIMATION_OUTPUTS, "progress")
 
 
 def _add_tensor(field: Any, tensor: TensorSpec) -> None:
@@ -69,7 +63,7 @@ def stage_config(
 
 
 def entry_config(
-    name: str, instances: int, outputs: tuple[str, ...] = ENTRY_OUTPUTS, decoupled: bool = False
+    name: str, instances: int, outputs: tuple[str, ...] = IMAGE_OUTPUTS, decoupled: bool = False
 ) -> mc.ModelConfig:
     """A public entry model: one JSON request in, encoded files and metadata out.
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from birdgen.contracts import MANIFEST
 from birdgen.engines import engine_kind
-from birdgen.export.exporter import MANIFEST, export_repository, verify_manifest
+from birdgen.export.exporter import export_repository, verify_manifest
 from birdgen.export.modules import stage_module
 from birdgen.export.triton_config import parse_pbtxt, stage_config
 from birdgen.model_folder import REQUIRED_PARTS, ModelDims, ModelFolderError, check_model_folder

@@ -1,0 +1,46 @@
+"""The entry models' contract: model names, their tensors, and the repository's file names.
+
+Why one module: the client, the exporter, the Triton configs, the entry ``model.py`` files and the
+benchmark harness all speak this contract. Each reads the names from here (stdlib only, so the
+torch-free client can), and the generated ``config.pbtxt`` files are written from them, so a
+rename is one edit. Docs: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+# Entry models (python backend, one JSON request in, encoded media out).
+IMAGE_MODEL = "bird_image"
+ANIMATION_MODEL = "bird_animation"
+ANIMATION_STREAM_MODEL = "bird_animation_stream"  # decoupled twin of ANIMATION_MODEL
+ENTRY_INPUT = "request"  # TYPE_STRING [1]: the request JSON (birdgen.schema)
+# `eink_buffer`: the packed panel buffer of a format=eink request (`image` is its PNG preview), else empty.
+IMAGE_OUTPUTS = ("image", "eink_buffer", "metadata")
+# An empty string stands for a format the request did not ask for.
+ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
+PROGRESS = "progress"  # one JSON message per denoising step and decoded chunk (stream only)
+STREAM_OUTPUTS = (*ANIMATION_OUTPUTS, PROGRESS)
+
+# Stage models that the entries route between.
+BASE_UNET = "unet"
+MOTION_UNET = "motion_unet"
+
+# Files of an exported repository.
+MANIFEST = "manifest.json"  # repository root: every file's SHA-256, the engine, the entries
+PIPELINE_FILE = "pipeline.json"  # an entry's version folder: what its pipeline needs
+LORA_FILE = "lora.json"  # a family UNet's version folder: the fused LoRA's record
+TARGET_FILE = "export_target.json"  # repository root: the engine and GPUs the export was built for
+TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")  # the two CLIP tokenizers, diffusers folder names
+MOTION_ADAPTER = "motion_adapter"  # model folder: the AnimateDiff motion adapter
+
+
+def family_model(family: str, base: str = BASE_UNET) -> str:
+    """Triton model name of a family's fused UNet (`base` = motion_unet: its AnimateDiff twin)."""
+    return f"{base}_{family.lower()}"
+
+
+def family_of(model: str) -> str | None:
+    """The family suffix of a family UNet's model name (unet_x or motion_unet_x), else None."""
+    for base in (MOTION_UNET, BASE_UNET):
+        if model.startswith(f"{base}_"):
+            return model[len(base) + 1 :]
+    return None

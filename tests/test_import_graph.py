@@ -1,0 +1,130 @@
+"""The import graph points one way: core <- engines <- ensemble / export <- client, training, bench, CLI.
+
+Why a test: the direction is what lets a reader (and the torch-free client) know which modules a
+change can reach. Every import counts, function-level ones included. The arrows still against the
+direction are listed in KNOWN_AGAINST (issue 20 removes them one by one); the test fails on any new
+one and on a listed one that is gone, so the list only shrinks. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AREAS = {  # import prefix -> folder (pyproject's package-dir)
+    "birdgen": "birdgen",
+    "birdgen.engines": "birdgen/engines",
+    "birdgen.export": "export",
+    "birdgen.ensemble": "ensemble",
+    "birdgen.client": "client",
+    "birdgen.training": "training",
+    "birdgen.benchmarks": "benchmarks",
+}
+CORE = {
+    "birdgen",
+    "birdgen.contracts",
+    "birdgen.prompts",
+    "birdgen.catalogue",
+    "birdgen.schema",
+    "birdgen.eink_panels",
+    "birdgen.eink",
+    "birdgen.media",
+    "birdgen.model_folder",
+    "birdgen.stages",
+    "birdgen.server",
+    "birdgen.tiny_model",
+}
+# Rank of each part: a module may import its own part or a lower rank (ensemble and export are peers).
+RANKS = {"core": 0, "engines": 1, "ensemble": 2, "export": 2, "top": 3}
+KNOWN_AGAINST = {
+    ("birdgen.stages", "birdgen.ensemble.free_noise"),
+    ("birdgen.engines.torch", "birdgen.export.modules"),
+    ("birdgen.engines.tensorrt", "birdgen.export.exporter"),
+    ("birdgen.engines.tensorrt", "birdgen.export.triton_config"),
+    ("birdgen.engines.tensorrt", "birdgen.training.lora"),
+    ("birdgen.export.exporter", "birdgen.ensemble.free_noise"),
+}
+
+
+def part(module: str) -> str:
+    if module in CORE:
+        return "core"
+    for area in ("engines", "ensemble", "export"):
+        if module.startswith(f"birdgen.{area}"):
+            return area
+    return "top"  # client, training, benchmarks, cli, entrypoint, pregenerate, the entry model.py files
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for prefix, folder in AREAS.items():
+        for path in (ROOT / folder).glob("*.py"):
+            found[prefix if path.stem == "__init__" else f"{prefix}.{path.stem}"] = path
+    for path in (ROOT / "model_repository").glob("*/model.py"):
+        found[f"model_repository.{path.parent.name}"] = path
+    return found
+
+
+def imports(found: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the birdgen modules it imports anywhere in its file (relative imports resolved)."""
+
+    def known(name: str) -> str | None:
+        while name and name not in found:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, path in found.items():
+        package = module if path.stem == "__init__" else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {known(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parts, *([node.module] if node.module else [])])
+                targets |= {known(f"{base}.{alias.name}") or known(base) for alias in node.names}
+        graph[module] = {t for t in targets if t and t != module}
+    return graph
+
+
+def against_direction(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    return {
+        (a, b)
+        for a, targets in graph.items()
+        for b in targets
+        if RANKS[part(b)] > RANKS[part(a)] or (part(a) != part(b) and RANKS[part(a)] == RANKS[part(b)])
+    }
+
+
+def test_the_walk_sees_function_level_and_package_imports() -> None:
+    graph = imports(modules())
+    assert "birdgen.export.triton_config" in graph["birdgen.engines.tensorrt"]  # inside a function
+    assert "birdgen.client.aio" in graph["birdgen.client"]  # a package's __init__
+    assert graph["model_repository.stage"] == {"birdgen.ensemble.triton_model"}
+
+
+def test_imports_point_one_way() -> None:
+    found = against_direction(imports(modules()))
+    new = sorted(found - KNOWN_AGAINST)
+    assert not new, f"imports against core <- engines <- ensemble/export <- the rest: {new}"
+    gone = sorted(KNOWN_AGAINST - found)
+    assert not gone, f"fixed, so strike them from KNOWN_AGAINST: {gone}"
+
+
+def test_the_check_fails_on_an_upward_import() -> None:
+    graph = {"birdgen.schema": {"birdgen.client.calls"}, "birdgen.export.lora": {"birdgen.ensemble.routing"}}
+    assert against_direction(graph) == {
+        ("birdgen.schema", "birdgen.client.calls"),
+        ("birdgen.export.lora", "birdgen.ensemble.routing"),
+    }
+
+
+def test_the_client_is_torch_free_core_only() -> None:
+    graph = imports(modules())
+    client = {m for m in graph if m.startswith("birdgen.client")}
+    reached = {t for m in client for t in graph[m] if not t.startswith("birdgen.client")}
+    assert reached <= CORE, sorted(reached - CORE)
