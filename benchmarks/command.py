@@ -11,11 +11,10 @@ from birdgen.benchmarks.scenarios import (
     CPU_SCENARIOS,
     GPU_CONCURRENCY,
     GPU_SCENARIOS,
+    WORK_DIR,
     parse_scenarios,
 )
 from birdgen.engines import ENGINE_KINDS  # no torch: a kind imports its libraries when used
-
-WORK_DIR = Path("outputs/bench")  # built models and repositories
 
 
 def _int_list(text: str) -> list[int]:

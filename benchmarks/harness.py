@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from birdgen.benchmarks import monitor, stats
-from birdgen.benchmarks.command import WORK_DIR
 from birdgen.benchmarks.load import fresh_seeds, run_point, served_call
 from birdgen.benchmarks.report import RESULTS_JSON, write_json, write_report
 from birdgen.benchmarks.scenarios import (
@@ -37,10 +36,12 @@ from birdgen.benchmarks.scenarios import (
     CPU_SCENARIOS,
     GPU_CONCURRENCY,
     GPU_SCENARIOS,
+    WORK_DIR,
     Scenario,
     parse_scenarios,
 )
 from birdgen.client import AsyncBirdClient, ResponseCache, RetryPolicy
+from birdgen.contracts import ANIMATION_MODEL, IMAGE_MODEL
 
 RESULTS_ROOT = Path("benchmarks/results")
 SCHEMA = 1
@@ -143,7 +144,8 @@ def served(settings: BenchSettings, model_dir: Path, device: str, log: Log) -> I
     if settings.url is not None:
         yield Target(settings.url, settings.metrics_url, None, None)
         return
-    from birdgen.export.exporter import core_models, export_repository
+    from birdgen.export.exporter import export_repository
+    from birdgen.manifest import core_models
     from birdgen.server import TritonServer
 
     engine = settings.engine or ("torch" if device == "cuda" else "onnxruntime")
@@ -276,7 +278,7 @@ def measure_point(
     if cache:
         point["cache_hits"] = cache.hits() - hits_before
     if split and target.metrics_url:
-        entry = "bird_animation" if scenario.kind == "animation" else "bird_image"
+        entry = ANIMATION_MODEL if scenario.kind == "animation" else IMAGE_MODEL
         costs = monitor.per_request_costs(before, monitor.scrape(target.metrics_url), entry)
         point["overhead"] = stats.overhead_breakdown(
             point["mean_ms"], point["timings_ms"], costs["engine_ms"], costs["stage_queue_ms"]

@@ -7,7 +7,10 @@ that Triton's response cache never answers (a benchmark of a cache hit is the `c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
+
+WORK_DIR = Path("outputs/bench")  # built models and repositories
 
 Kind = Literal["image", "animation", "cached"]
 # The demo's robin (birdgen.cli.DEMO_REQUEST).

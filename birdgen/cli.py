@@ -77,7 +77,7 @@ def _family_lora(value: str) -> tuple[str, Path]:
 
 def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Explicit model control: the core models load at start, family UNets on first use or on request."""
-    from birdgen.export.exporter import core_models
+    from birdgen.manifest import core_models
     from birdgen.server import TritonServer
 
     return TritonServer(
@@ -208,7 +208,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _pregenerate(args: argparse.Namespace) -> int:
     """Exit 0 when every item is done, 1 when some failed or catalogue rows were skipped."""
-    from birdgen.pregenerate import parse_option, pregenerate_catalogue
+    from birdgen.client.pregenerate import parse_option, pregenerate_catalogue
 
     summary = pregenerate_catalogue(
         args.catalog,

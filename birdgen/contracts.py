@@ -13,10 +13,14 @@ IMAGE_MODEL = "bird_image"
 ANIMATION_MODEL = "bird_animation"
 ANIMATION_STREAM_MODEL = "bird_animation_stream"  # decoupled twin of ANIMATION_MODEL
 ENTRY_INPUT = "request"  # TYPE_STRING [1]: the request JSON (birdgen.schema)
-# `eink_buffer`: the packed panel buffer of a format=eink request (`image` is its PNG preview), else empty.
-IMAGE_OUTPUTS = ("image", "eink_buffer", "metadata")
-# An empty string stands for a format the request did not ask for.
-ANIMATION_OUTPUTS = ("webp", "gif", "poster", "metadata")
+# Every output is TYPE_STRING [1]; an empty string stands for a file the request did not ask for.
+METADATA = "metadata"  # JSON: the request, model version, seed, timings, AI label
+IMAGE = "image"  # the encoded image (a format=eink request: its PNG preview)
+EINK_BUFFER = "eink_buffer"  # the packed panel buffer of a format=eink request, else empty
+IMAGE_OUTPUTS = (IMAGE, EINK_BUFFER, METADATA)
+WEBP, GIF, POSTER = "webp", "gif", "poster"  # the clip, in each format asked for, and its still PNG
+ANIMATION_FILES = (WEBP, GIF, POSTER)
+ANIMATION_OUTPUTS = (*ANIMATION_FILES, METADATA)
 PROGRESS = "progress"  # one JSON message per denoising step and decoded chunk (stream only)
 STREAM_OUTPUTS = (*ANIMATION_OUTPUTS, PROGRESS)
 

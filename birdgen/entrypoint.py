@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from birdgen.contracts import MANIFEST, TARGET_FILE
+from birdgen.manifest import core_models, read_manifest, verify_manifest
 from birdgen.server import serving_flags
 
 __all__ = [
@@ -79,8 +80,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def export_reasons(repository: Path, engine: str, gpus: Sequence[str]) -> tuple[list[str], bool]:
     """Why ``repository`` needs an export for ``engine`` on ``gpus`` (empty: it is up to date), and
     whether the export must be forced (the GPUs changed: same stage keys, different hardware)."""
-
-    manifest = _read_json(repository / MANIFEST)
+    manifest = read_manifest(repository)
     if not manifest:
         return [f"{repository} has no {MANIFEST}"], False
     reasons, force = [], False
@@ -125,8 +125,6 @@ def prepare(
 
     Returns the models to load at start. Raises ``RepositoryRefused`` naming the files that differ.
     """
-    from birdgen.export.exporter import core_models, verify_manifest
-
     repository = Path(repository)
     gpus = gpu_identity() if gpus is None else list(gpus)
     reasons, force = export_reasons(repository, engine, gpus)

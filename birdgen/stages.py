@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from birdgen.ensemble.free_noise import CONTEXT_LENGTH, context_windows
+from birdgen.free_noise import CONTEXT_LENGTH, context_windows
 from birdgen.model_folder import ModelDims
 from birdgen.schema import LIMITS
 
@@ -154,7 +154,7 @@ def motion_unet_spec(dims: ModelDims, max_frames: int) -> StageSpec:
     dynamo-exported graph specialises that batch fold (a clip of 16 frames is 16 images of work, so
     merging clips across requests gains little). Prompt embeddings come once per clip and are
     repeated per frame inside, as AnimateDiffSDXLPipeline does before its UNet call. The clip's
-    FreeNoise context windows (frame indices and blend, ensemble/free_noise.py) come as inputs, so
+    FreeNoise context windows (frame indices and blend, birdgen/free_noise.py) come as inputs, so
     one graph serves every clip length.
     """
     unet = stage_specs(dims)["unet"]

@@ -33,10 +33,17 @@ from birdgen.contracts import (
     ANIMATION_MODEL,
     ANIMATION_OUTPUTS,
     ANIMATION_STREAM_MODEL,
+    EINK_BUFFER,
+    ENTRY_INPUT,
+    GIF,
+    IMAGE,
     IMAGE_MODEL,
     IMAGE_OUTPUTS,
+    METADATA,
     MOTION_UNET,
+    POSTER,
     PROGRESS,
+    WEBP,
     family_of,
 )
 from birdgen.contracts import family_model as family_model_name
@@ -112,17 +119,15 @@ def _write(path: str | Path, data: bytes) -> Path:
 class GeneratedAnimation:
     """An animation as animated WebP and/or GIF, a PNG poster frame, and the generation metadata."""
 
-    files: dict[str, bytes]  # "webp", "gif" (those asked for) and "poster"
+    files: dict[str, bytes]  # by output name: WEBP, GIF (those asked for) and POSTER
     metadata: dict[str, Any]
 
     def save(
         self, path: str | Path, *, gif: str | Path | None = None, poster: str | Path | None = None
     ) -> list[Path]:
         """Write the WebP (or the GIF, when only that was made) to `path`, and the others if asked."""
-        main = "webp" if "webp" in self.files else "gif"
-        targets = [(main, path)] + [
-            (name, p) for name, p in (("gif", gif), ("poster", poster)) if p is not None
-        ]
+        main = WEBP if WEBP in self.files else GIF
+        targets = [(main, path)] + [(name, p) for name, p in ((GIF, gif), (POSTER, poster)) if p is not None]
         written = []
         for name, target in targets:
             if name not in self.files:
@@ -254,7 +259,7 @@ class Call:
         return Derivation(request.eink_source(), lambda source: eink_entry(request, source))
 
     def inputs(self) -> list[InferInput]:
-        tensor = InferInput("request", [1], "BYTES")
+        tensor = InferInput(ENTRY_INPUT, [1], "BYTES")
         tensor.set_data_from_numpy(np.array([self.request.canonical_json().encode()], dtype=np.object_))
         return [tensor]
 
@@ -283,7 +288,7 @@ class Call:
     def entry(self, result: InferResult) -> CacheEntry:
         """The outputs as files (empty ones, formats not asked for, dropped) and the metadata."""
         outputs = {name: result.as_numpy(name).reshape(-1)[0] for name in self.outputs}
-        metadata = json.loads(outputs.pop("metadata"))
+        metadata = json.loads(outputs.pop(METADATA))
         return CacheEntry({name: data for name, data in outputs.items() if data}, metadata)
 
 
@@ -331,23 +336,23 @@ def eink_entry(request: ImageRequest, source: CacheEntry) -> CacheEntry:
     """A format=eink entry rendered here from the PNG entry of `request.eink_source()`: the same
     files as the server's (both are birdgen.eink.render_request); the timings are this render's."""
     start = time.perf_counter()
-    panel = render_request(request, source.files["image"])
+    panel = render_request(request, source.files[IMAGE])
     ms = round((time.perf_counter() - start) * 1000, 3)
-    files = {"image": panel.preview_png, "eink_buffer": panel.buffer}
+    files = {IMAGE: panel.preview_png, EINK_BUFFER: panel.buffer}
     return CacheEntry(files, {**panel.metadata, "timings_ms": {"eink": ms, "total": ms}})
 
 
 def as_image(entry: CacheEntry) -> GeneratedImage:
     """A GeneratedImage, or a GeneratedEink when the entry holds a panel buffer."""
-    data, metadata = entry.files["image"], entry.metadata
-    if "eink_buffer" not in entry.files:
+    data, metadata = entry.files[IMAGE], entry.metadata
+    if EINK_BUFFER not in entry.files:
         return GeneratedImage(data, metadata["format"], metadata)
     eink = metadata["eink"]
     return GeneratedEink(
         data,
         metadata["format"],
         metadata,
-        buffer=entry.files["eink_buffer"],
+        buffer=entry.files[EINK_BUFFER],
         **{name: eink[name] for name in ("width", "height", "bits_per_pixel", "panel", "palette")},
     )
 

@@ -4,7 +4,7 @@ Shares everything but the denoising loop and the decode with the image pipeline:
 text encoders, the prompt library, the scheduler config and the seed rules. The loop runs the
 motion UNet stage on the whole clip (1, C, frames, h, w); the scheduler and the generator work on
 that 5-D tensor exactly as the diffusers pipeline does, so the same seed draws the same noise.
-Clips longer than the motion module's 16-frame window use FreeNoise (ensemble/free_noise.py):
+Clips longer than the motion module's 16-frame window use FreeNoise (birdgen/free_noise.py):
 context windows inside the motion UNet and shuffled initial noise. The VAE decodes frames in
 chunks of its batch size, so memory stays bounded however long the clip.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from birdgen.contracts import MOTION_UNET
-from birdgen.ensemble.free_noise import context_windows, shuffle_context_noise
 from birdgen.ensemble.pipeline import ImagePipeline, Timings
+from birdgen.free_noise import context_windows, shuffle_context_noise
 from birdgen.media import encode_animation, encode_poster
 from birdgen.stages import CONTEXT_INPUTS
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from birdgen.contracts import MANIFEST
+from birdgen.contracts import MANIFEST, PIPELINE_FILE
 from birdgen.engines import Engine, TensorEngine, engine_kind
 from birdgen.ensemble.triton_model import tensor_from_triton, tensor_to_triton
 from birdgen.stages import StageSpec, repository_specs
@@ -135,3 +135,10 @@ class BlsRunner:
 
         responses = asyncio.run(gather())
         return [self._outputs(stage, r) for (stage, _), r in zip(calls, responses, strict=True)]
+
+
+def entry_pipeline(args: dict[str, str], pipeline_class: type) -> tuple[Any, dict[str, Any]]:
+    """An entry model's pipeline over BLS stage calls, and its pipeline.json, from its version folder."""
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    info = json.loads((version_dir / PIPELINE_FILE).read_text())
+    return pipeline_class(version_dir, BlsRunner(repository_specs(info))), info

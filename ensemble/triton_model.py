@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from birdgen.contracts import MANIFEST, PIPELINE_FILE
+from birdgen.contracts import MANIFEST
 from birdgen.engines import Engine, TensorEngine, engine_kind
 from birdgen.schema import RequestError
 from birdgen.stages import StageSpec, repository_specs
@@ -54,15 +54,6 @@ def respond_each(pb: Any, requests: Sequence[Any], handle: Callable[[Any], list[
         except Exception as exc:
             responses.append(error_response(pb, exc))
     return responses
-
-
-def entry_pipeline(args: dict[str, str], pipeline_class: type) -> tuple[Any, dict[str, Any]]:
-    """An entry model's pipeline over BLS stage calls, and its pipeline.json, from its version folder."""
-    from birdgen.ensemble.runners import BlsRunner
-
-    version_dir = Path(args["model_repository"]) / args["model_version"]
-    info = json.loads((version_dir / PIPELINE_FILE).read_text())
-    return pipeline_class(version_dir, BlsRunner(repository_specs(info))), info
 
 
 def instance_device(args: dict[str, str]) -> str:

@@ -27,15 +27,16 @@ import birdgen
 from birdgen.contracts import (
     ANIMATION_MODEL,
     ANIMATION_STREAM_MODEL,
+    IMAGE_MODEL,
     LORA_FILE,
     MANIFEST,
     MOTION_ADAPTER,
     PIPELINE_FILE,
     family_model,
 )
-from birdgen.contracts import IMAGE_MODEL as ENTRY_MODEL
 from birdgen.engines import engine_kind
-from birdgen.ensemble.free_noise import CONTEXT_LENGTH
+from birdgen.free_noise import CONTEXT_LENGTH
+from birdgen.manifest import read_manifest, repository_files, sha256_file, tree_hashes
 from birdgen.model_folder import ModelDims, check_model_folder, load_motion_adapter
 from birdgen.schema import ANIMATION
 from birdgen.server import MODEL_BOOTSTRAP
@@ -54,33 +55,6 @@ CHECK_TOLERANCE = {"FP32": 1e-3, "UINT8": 1}
 CLIP_FRAMES = (24, 18)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _tree_hashes(root: Path, base: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(base)): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-
-
-def repository_files(repo: Path) -> dict[str, str]:
-    """SHA-256 of every file of an exported repository, as the manifest lists them.
-
-    Not listed: the manifest itself, and the entrypoint's record of the GPUs the export was built for
-    (written after the export; birdgen/entrypoint.py).
-    """
-    from birdgen.contracts import TARGET_FILE
-
-    return {k: v for k, v in _tree_hashes(repo, repo).items() if k not in (MANIFEST, TARGET_FILE)}
-
-
 def _versions() -> dict[str, str]:
     names = ("torch", "diffusers", "transformers", "onnx", "onnxruntime")
     return {n: metadata.version(n) for n in names} | {"birdgen": birdgen.__version__}
@@ -88,15 +62,14 @@ def _versions() -> dict[str, str]:
 
 def stage_key(spec: StageSpec, source_parts: Iterable[Path], kind_name: str, settings: dict[str, Any]) -> str:
     """What a stage's artifacts are a function of; equal keys mean the export can be skipped."""
-    code = Path(__file__).resolve().parent
+    engines = Path(birdgen.__file__).parent / "engines"  # the stage modules and every engine kind
     payload = {
         "stage": repr(spec),
         "kind": kind_name,
         "settings": settings,
         "versions": _versions(),
-        "sources": {p.name: _tree_hashes(p, p) for p in source_parts},
-        "code": {name: sha256_file(code / name) for name in ("modules.py",)}
-        | {"engines": _tree_hashes(Path(birdgen.__file__).parent / "engines", Path(birdgen.__file__).parent)},
+        "sources": {p.name: tree_hashes(p, p) for p in source_parts},
+        "code": {"engines": tree_hashes(engines, engines.parent)},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -233,7 +206,7 @@ def _export_family_version(
     those replaced where the kind can (EngineKind.derive), else built. Built in a staging folder
     beside the repository and moved in whole; the oldest versions beyond KEEP_VERSIONS are pruned.
     """
-    from birdgen.export.triton_config import stage_config, to_pbtxt
+    from birdgen.triton_config import stage_config, to_pbtxt
 
     current = out / spec.name / str(previous.get("version", 0))
     if not force and previous.get("key") == key and _intact(current, previous.get("artifacts", {})):
@@ -313,9 +286,9 @@ def export_repository(
     """
 
     from birdgen.catalogue import Catalogue
+    from birdgen.engines.modules import STAGE_PARTS, UNet, motion_unet, motion_unet_module, stage_module
     from birdgen.export.lora import fused_unet, validate_loras
-    from birdgen.export.modules import STAGE_PARTS, UNet, motion_unet, motion_unet_module, stage_module
-    from birdgen.export.triton_config import stage_config, to_pbtxt
+    from birdgen.triton_config import stage_config, to_pbtxt
 
     model_dir, out = Path(model_dir).resolve(), Path(out)
     check_model_folder(model_dir)
@@ -323,7 +296,7 @@ def export_repository(
     kind = engine_kind(engine, device)
     families = _canonical_families(loras or {}, Catalogue.load())
     lora_infos = validate_loras(model_dir, families)
-    old = _read_manifest(out)
+    old = read_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = stage_specs(dims)
     sources = {name: [model_dir / p for p in parts] for name, parts in STAGE_PARTS.items()}
@@ -451,7 +424,7 @@ def _write_entry(
     the motion UNet was exported.
     """
     from birdgen.contracts import ANIMATION_OUTPUTS, IMAGE_OUTPUTS, STREAM_OUTPUTS
-    from birdgen.export.triton_config import entry_config, to_pbtxt
+    from birdgen.triton_config import entry_config, to_pbtxt
 
     served = {
         family: {"unet": record["version"], "motion_unet": record.get("motion", {}).get("version")}
@@ -464,7 +437,7 @@ def _write_entry(
         "motion_max_frames": motion_max_frames,
         "families": served,
     }
-    entries = {ENTRY_MODEL: IMAGE_OUTPUTS}
+    entries = {IMAGE_MODEL: IMAGE_OUTPUTS}
     if motion_max_frames:
         entries |= {ANIMATION_MODEL: ANIMATION_OUTPUTS, ANIMATION_STREAM_MODEL: STREAM_OUTPUTS}
     for name, outputs in entries.items():
@@ -494,28 +467,3 @@ def _entry_identity(version_dir: Path) -> tuple[str, dict[str, Any]] | None:
         return None
     info = json.loads(path.read_text())
     return info.get("model_version"), info.get("families")
-
-
-def _read_manifest(out: Path) -> dict[str, Any]:
-    path = out / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def core_models(repository: Path) -> list[str]:
-    """The models a server loads at start: the entry model and the base stages (family UNets load on use)."""
-    manifest = _read_manifest(Path(repository))
-    if not manifest:
-        raise FileNotFoundError(
-            f"{repository} has no {MANIFEST}: export a model into it first (birdgen export)"
-        )
-    return [*manifest.get("entries", [ENTRY_MODEL]), *manifest["stages"]]
-
-
-def verify_manifest(repo: Path) -> list[str]:
-    """Files whose checksum differs from the manifest (missing ones included); empty when intact."""
-    manifest = _read_manifest(Path(repo))
-    return [
-        rel
-        for rel, sha in manifest.get("files", {}).items()
-        if not (Path(repo) / rel).is_file() or sha256_file(Path(repo) / rel) != sha
-    ]

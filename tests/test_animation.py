@@ -26,7 +26,7 @@ def animatediff_sdxl(tiny_model: Path, free_noise: bool = False):  # type: ignor
     from diffusers import AnimateDiffSDXLPipeline, MotionAdapter, StableDiffusionXLPipeline
     from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin
 
-    from birdgen.export.modules import motion_unet
+    from birdgen.engines.modules import motion_unet
 
     class FreeNoiseSDXLPipeline(AnimateDiffSDXLPipeline, AnimateDiffFreeNoiseMixin):
         pass
@@ -69,10 +69,10 @@ def reference_clip(pipe, result, steps: int, frames: int, free_noise: bool = Fal
 
 
 def test_diffusers_from_unet2d_forgets_the_sdxl_text_time_embedding(tiny_model: Path) -> None:
-    """Why birdgen builds its motion UNet with export.modules.motion_unet (and the reference too)."""
+    """Why birdgen builds its motion UNet with engines.modules.motion_unet (and the reference too)."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-    from birdgen.export.modules import motion_unet
+    from birdgen.engines.modules import motion_unet
 
     unet2d = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
     adapter = MotionAdapter.from_pretrained(tiny_model / "motion_adapter")

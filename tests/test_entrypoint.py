@@ -25,7 +25,7 @@ from birdgen import entrypoint
 from birdgen.cli import main
 from birdgen.contracts import MANIFEST, TARGET_FILE
 from birdgen.entrypoint import RepositoryRefused, export_reasons, prepare, tritonserver_command
-from birdgen.export.exporter import repository_files
+from birdgen.manifest import repository_files
 from birdgen.server import free_port
 from tests.test_server import ECHO_MODEL, _write_model
 

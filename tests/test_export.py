@@ -12,11 +12,12 @@ import torch
 
 from birdgen.contracts import MANIFEST
 from birdgen.engines import engine_kind
-from birdgen.export.exporter import export_repository, verify_manifest
-from birdgen.export.modules import stage_module
-from birdgen.export.triton_config import parse_pbtxt, stage_config
+from birdgen.engines.modules import stage_module
+from birdgen.export.exporter import export_repository
+from birdgen.manifest import verify_manifest
 from birdgen.model_folder import REQUIRED_PARTS, ModelDims, ModelFolderError, check_model_folder
 from birdgen.stages import image_sizes, stage_specs
+from birdgen.triton_config import parse_pbtxt, stage_config
 from tests.conftest import ENTRY_INSTANCES, EXPORT_OPTIONS
 
 

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from birdgen.client import BirdClient
-from birdgen.export.exporter import core_models, export_repository, verify_manifest
+from birdgen.export.exporter import export_repository
 from birdgen.export.lora import LoraError
+from birdgen.manifest import core_models, verify_manifest
 from birdgen.server import TritonServer
 from tests.conftest import EXPORT_OPTIONS, ROBIN
 from tests.loras import random_lora

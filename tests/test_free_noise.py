@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from birdgen.ensemble.free_noise import (
+from birdgen.free_noise import (
     CONTEXT_LENGTH,
     CONTEXT_STRIDE,
     context_windows,
@@ -110,7 +110,7 @@ def diffusers_free_noise(block: torch.nn.Module, weighting: str) -> torch.nn.Mod
 
 
 def windowed(block: torch.nn.Module, count: int, blend: list[float] | None = None) -> torch.nn.Module:
-    from birdgen.export.modules import ContextWindowBlock, ContextWindows
+    from birdgen.engines.modules import ContextWindowBlock, ContextWindows
 
     windows = ContextWindows()
     frames, mixing = context_windows(count, blend=blend)

@@ -33,8 +33,7 @@ from birdgen.client import (
     RetryPolicy,
     ServerUnavailableError,
 )
-from birdgen.media import read_metadata
-from birdgen.pregenerate import (
+from birdgen.client.pregenerate import (
     MANIFEST,
     SAMPLE_CATALOGUE,
     Plan,
@@ -45,6 +44,7 @@ from birdgen.pregenerate import (
     pregenerate_catalogue,
     read_catalogue,
 )
+from birdgen.media import read_metadata
 from birdgen.schema import AnimationRequest, ImageRequest
 from birdgen.server import free_port
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401

@@ -30,10 +30,10 @@ from birdgen.engines.tensorrt import (
     profiles,
     tensorrt_hosting,
 )
-from birdgen.export.triton_config import parse_pbtxt, stage_config, to_pbtxt
 from birdgen.model_folder import ModelDims
 from birdgen.schema import ANIMATION, LIMITS, RequestError, parse_image_request
 from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
+from birdgen.triton_config import parse_pbtxt, stage_config, to_pbtxt
 from tests.conftest import ROBIN
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -195,8 +195,8 @@ def test_refit_map_covers_every_lora_weight(
 ) -> None:
     """Every weight a family LoRA changes maps to exactly one UNet initializer, of its shape and
     (for the base UNet) its values: a refit with the fused weights changes exactly those."""
+    from birdgen.engines.modules import stage_module
     from birdgen.export.lora import lora_weight_names, read_lora
-    from birdgen.export.modules import stage_module
     from tests.loras import random_lora
 
     state, _, _ = read_lora(random_lora(tiny_model, tmp_path / "lora"))
@@ -219,9 +219,9 @@ def test_a_family_unet_has_the_base_graph_so_it_is_derived_and_its_plan_is_a_ref
     family engine is the base model.onnx with the LoRA's initializers replaced, equal to the family's
     own export in every node and weight; and TensorRT's refittable plan of one is refitted into the
     other (every weight from the new export) instead of rebuilt."""
+    from birdgen.engines.modules import UNet
     from birdgen.engines.onnxruntime import OnnxRuntimeKind, export_onnx
     from birdgen.export.lora import fused_unet, lora_weight_names, read_lora
-    from birdgen.export.modules import UNet
     from tests.loras import random_lora
 
     spec = specs["unet"]

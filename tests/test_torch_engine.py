@@ -18,14 +18,14 @@ from PIL import Image
 
 from birdgen.client import BirdClient
 from birdgen.engines import engine_kind
+from birdgen.engines.modules import UNet, stage_module
 from birdgen.engines.torch import RECIPE_FILE, WEIGHTS_FILE, TorchEngine, TorchKind, optimise
 from birdgen.ensemble.triton_model import run_batched, timed
 from birdgen.export.exporter import export_repository
-from birdgen.export.modules import UNet, stage_module
-from birdgen.export.triton_config import parse_pbtxt, stage_config, to_pbtxt
 from birdgen.model_folder import ModelDims
 from birdgen.server import TritonServer
 from birdgen.stages import StageSpec, captured_sizes, image_sizes, repository_specs, stage_specs
+from birdgen.triton_config import parse_pbtxt, stage_config, to_pbtxt
 from tests.conftest import ROBIN
 from tests.loras import random_lora
 from tests.test_parity import assert_close_to_reference, diffusers_image

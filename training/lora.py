@@ -28,15 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from birdgen.engines.modules import TARGET_MODULES
 from birdgen.training.config import TrainConfig, bad_value
 from birdgen.training.dataset import BirdDataset, write_attribution
 
-# The attention projections of every transformer block (self- and cross-attention): where the
-# diffusers/SDXL LoRA convention puts adapters, and what `load_lora_weights` and LoRA fusing in export
-# expect. They carry the prompt -> appearance mapping a family LoRA adjusts; convolutions and feed-forward
-# layers stay untouched, which keeps the adapter small (rank 64 on SDXL: 560 layers, 93M parameters,
-# ~350 MB in fp32, against 2.6B in the UNet).
-TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_STATE = "birdgen_state.json"
 LORA_CHECKPOINT = "unet_lora.safetensors"
@@ -147,7 +142,7 @@ class _Models:
         from peft import LoraConfig
         from transformers import CLIPTokenizer
 
-        from birdgen.export.modules import TextEncoder
+        from birdgen.engines.modules import TextEncoder
         from birdgen.model_folder import load_part
 
         # Frozen parts in the mixed-precision dtype on a GPU; fp32 on CPU, where half matmuls are slow.

@@ -185,7 +185,7 @@ def write_refit_map(onnx_path: Path, module: Any, out: Path) -> Path:
     """The refit map of the weights a family LoRA touches (training's target modules), as JSON."""
     import onnx
 
-    from birdgen.training.lora import TARGET_MODULES
+    from birdgen.engines.modules import TARGET_MODULES
 
     names = [
         f"{name}.weight"
@@ -263,7 +263,7 @@ def ort_tensorrt_optimization(spec: StageSpec, cache_path: str, workspace_bytes:
 
 def ort_tensorrt_config(spec: StageSpec, dims: Any, cache_path: str, instances: int = 1) -> Any:
     """A stage's config.pbtxt for `onnxruntime_onnx` with the TensorRT accelerator (KIND_GPU)."""
-    from birdgen.export.triton_config import stage_config
+    from birdgen.triton_config import stage_config
 
     config = stage_config(spec, dims, {"platform": "onnxruntime_onnx", "gpu": True}, instances)
     config.optimization.CopyFrom(ort_tensorrt_optimization(spec, cache_path))
@@ -348,7 +348,7 @@ class TensorRtKind(EngineKind):
         self, spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], out_dir: Path
     ) -> list[Path]:
         from birdgen.engines.onnxruntime import export_onnx
-        from birdgen.export.exporter import sha256_file
+        from birdgen.manifest import sha256_file
 
         settings = self.settings
         cache_dir = Path(self.options.cache_dir)

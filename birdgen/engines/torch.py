@@ -1,7 +1,7 @@
 """torch engines: each stage's own torch module, fp16 with CUDA graphs on a GPU, float32 eager on CPU.
 
 `build` writes the stage wrapper's weights (`model.safetensors`) and a recipe (`torch_module.json`):
-which wrapper of birdgen.export.modules, its options, and the class and config of the
+which wrapper of birdgen.engines.modules, its options, and the class and config of the
 diffusers/transformers model inside. `load` rebuilds the module from those two files alone, so a
 repository needs neither the source folder nor pickled modules, real SDXL weights go through the same
 code as the tiny model, and a family UNet is stored with its LoRA already fused.
@@ -31,7 +31,7 @@ import torch
 
 from birdgen.engines.base import EngineKind, TensorEngine
 from birdgen.engines.cpu_lock import CpuLock
-from birdgen.export.modules import TextEncoder, UNet, VaeDecoder
+from birdgen.engines.modules import TextEncoder, UNet, VaeDecoder
 from birdgen.stages import CAPTURED_SIZES_PX, StageSpec, TensorSpec, captured_sizes
 
 RECIPE_FILE = "torch_module.json"
@@ -46,7 +46,7 @@ GRAPH_WARMUP_RUNS = 3
 FLOAT32_INPUTS = ("timestep",)
 TORCH_TYPES = {"FP32": torch.float32, "FP16": torch.float16, "INT64": torch.int64, "UINT8": torch.uint8}
 
-# Each stage wrapper of birdgen.export.modules: its class, the attribute holding the library model,
+# Each stage wrapper of birdgen.engines.modules: its class, the attribute holding the library model,
 # and the constructor options the recipe records.
 WRAPPERS: dict[str, tuple[type[torch.nn.Module], str, tuple[str, ...]]] = {
     "TextEncoder": (TextEncoder, "model", ("pooled",)),

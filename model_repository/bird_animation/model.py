@@ -10,8 +10,10 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
+from birdgen.contracts import ANIMATION_FILES, ENTRY_INPUT, METADATA
 from birdgen.ensemble.animation import AnimationPipeline
-from birdgen.ensemble.triton_model import bytes_tensor, entry_pipeline, read_bytes, respond_each
+from birdgen.ensemble.runners import entry_pipeline
+from birdgen.ensemble.triton_model import bytes_tensor, read_bytes, respond_each
 from birdgen.schema import parse_animation_request
 
 
@@ -24,9 +26,7 @@ class TritonPythonModel:
         return respond_each(pb_utils, requests, self._generate)
 
     def _generate(self, request: object) -> list:
-        raw = read_bytes(pb_utils, request, "request")
+        raw = read_bytes(pb_utils, request, ENTRY_INPUT)
         result = self.pipeline(parse_animation_request(raw, max_frames=self.max_frames))
-        files = [
-            bytes_tensor(pb_utils, name, result.files.get(name, b"")) for name in ("webp", "gif", "poster")
-        ]
-        return [*files, bytes_tensor(pb_utils, "metadata", json.dumps(result.metadata, sort_keys=True))]
+        files = [bytes_tensor(pb_utils, name, result.files.get(name, b"")) for name in ANIMATION_FILES]
+        return [*files, bytes_tensor(pb_utils, METADATA, json.dumps(result.metadata, sort_keys=True))]

@@ -11,8 +11,10 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
+from birdgen.contracts import ANIMATION_FILES, ENTRY_INPUT, METADATA, PROGRESS
 from birdgen.ensemble.animation import AnimationPipeline
-from birdgen.ensemble.triton_model import bytes_tensor, entry_pipeline, error_response, read_bytes
+from birdgen.ensemble.runners import entry_pipeline
+from birdgen.ensemble.triton_model import bytes_tensor, error_response, read_bytes
 from birdgen.schema import parse_animation_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -35,13 +37,11 @@ class TritonPythonModel:
         def progress(stage: str, done: int, total: int) -> None:
             message = json.dumps({"stage": stage, "done": done, "total": total})
             sender.send(
-                pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "progress", message)])
+                pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, PROGRESS, message)])
             )
 
-        raw = read_bytes(pb_utils, request, "request")
+        raw = read_bytes(pb_utils, request, ENTRY_INPUT)
         result = self.pipeline(parse_animation_request(raw, max_frames=self.max_frames), progress)
-        files = [
-            bytes_tensor(pb_utils, name, result.files.get(name, b"")) for name in ("webp", "gif", "poster")
-        ]
-        metadata = bytes_tensor(pb_utils, "metadata", json.dumps(result.metadata, sort_keys=True))
+        files = [bytes_tensor(pb_utils, name, result.files.get(name, b"")) for name in ANIMATION_FILES]
+        metadata = bytes_tensor(pb_utils, METADATA, json.dumps(result.metadata, sort_keys=True))
         return pb_utils.InferenceResponse(output_tensors=[*files, metadata])

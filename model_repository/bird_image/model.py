@@ -11,8 +11,10 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
+from birdgen.contracts import EINK_BUFFER, ENTRY_INPUT, IMAGE, METADATA
 from birdgen.ensemble.pipeline import ImagePipeline
-from birdgen.ensemble.triton_model import bytes_tensor, entry_pipeline, read_bytes, respond_each
+from birdgen.ensemble.runners import entry_pipeline
+from birdgen.ensemble.triton_model import bytes_tensor, read_bytes, respond_each
 from birdgen.schema import parse_image_request
 
 
@@ -24,9 +26,9 @@ class TritonPythonModel:
         return respond_each(pb_utils, requests, self._generate)
 
     def _generate(self, request: object) -> list:
-        result = self.pipeline(parse_image_request(read_bytes(pb_utils, request, "request")))
+        result = self.pipeline(parse_image_request(read_bytes(pb_utils, request, ENTRY_INPUT)))
         return [
-            bytes_tensor(pb_utils, "image", result.data),
-            bytes_tensor(pb_utils, "eink_buffer", result.eink_buffer),
-            bytes_tensor(pb_utils, "metadata", json.dumps(result.metadata, sort_keys=True)),
+            bytes_tensor(pb_utils, IMAGE, result.data),
+            bytes_tensor(pb_utils, EINK_BUFFER, result.eink_buffer),
+            bytes_tensor(pb_utils, METADATA, json.dumps(result.metadata, sort_keys=True)),
         ]

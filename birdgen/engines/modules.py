@@ -13,6 +13,13 @@ import torch
 
 from birdgen.model_folder import load_motion_adapter, load_part
 
+# The attention projections of every transformer block (self- and cross-attention): where the
+# diffusers/SDXL LoRA convention puts adapters, and what `load_lora_weights` and LoRA fusing in export
+# expect. They carry the prompt -> appearance mapping a family LoRA adjusts; convolutions and feed-forward
+# layers stay untouched, which keeps the adapter small (rank 64 on SDXL: 560 layers, 93M parameters,
+# ~350 MB in fp32, against 2.6B in the UNet).
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
 
 class TextEncoder(torch.nn.Module):
     """CLIP text encoder -> penultimate hidden states (SDXL's clip-skip of 1), plus the pooled
@@ -91,7 +98,7 @@ class UNet(torch.nn.Module):
     With `clip=True` it wraps AnimateDiff's UNetMotionModel on one clip (B, C, frames, h, w): it
     takes the prompt embeddings once per clip, repeating them per frame inside as
     AnimateDiffSDXLPipeline does before its UNet call, and the clip's FreeNoise context windows
-    (ensemble/free_noise.py), which its temporal blocks attend over.
+    (birdgen/free_noise.py), which its temporal blocks attend over.
     """
 
     def __init__(self, model: torch.nn.Module, clip: bool = False) -> None:

@@ -46,6 +46,7 @@ from birdgen.client.errors import (
     GenerationError,
     ServerUnavailableError,
 )
+from birdgen.contracts import EINK_BUFFER, IMAGE
 from birdgen.prompts import DATA_DIR
 from birdgen.schema import (
     AnimationRequest,
@@ -290,9 +291,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 def output_files(item: WorkItem, result: GeneratedImage | GeneratedAnimation) -> dict[str, tuple[str, bytes]]:
     """Name -> (path relative to the output folder, bytes): `<kind>/<species_id><suffix>`."""
     if isinstance(result, GeneratedImage):
-        files = {"image": (_SUFFIXES[result.format], result.data)}
+        files = {IMAGE: (_SUFFIXES[result.format], result.data)}
         if isinstance(result, GeneratedEink):  # format=eink: the panel buffer beside its preview
-            files["eink_buffer"] = (".bin", result.buffer)
+            files[EINK_BUFFER] = (".bin", result.buffer)
     else:
         files = {name: (_SUFFIXES[name], data) for name, data in result.files.items()}
     return {name: (f"{item.kind}/{item.species_id}{suffix}", data) for name, (suffix, data) in files.items()}
