@@ -1,18 +1,24 @@
-"""The bundled species catalogue: which family group, and so which LoRA, draws a species.
+"""The bundled species catalogue: which family, and so which LoRA, draws a species.
 
-A family group is a bird order (Passeriformes, Charadriiformes, ...): big enough for one LoRA's
-worth of licensed photos, close enough in shape to share one. A request may name its `family`
-itself; otherwise the species is looked up here by species id, scientific name or common name, and
-a species the catalogue does not know is drawn by the base UNet. Everything lives in
-`data/catalogue.yaml`, validated at load; no torch here, so the client, the gateway and the Triton
-models resolve a species the same way. docs/families.md says which groups and why.
+Words (one per concept, used everywhere in birdgen): a **family** is what a request's `family` field,
+a `--lora FAMILY=...`, a training `--family` and a `unet_<family>` model name mean: a bird order
+(Passeriformes, Charadriiformes, ...), big enough for one LoRA's worth of licensed photos, close
+enough in shape to share one. The taxonomic family of a species (Turdidae) is its
+`taxonomic_family`, kept for the people reading the catalogue and for photo rows that give one.
+
+`Catalogue.family` is the one resolver of a family name: every caller gets the canonical spelling or
+the same `UnknownFamilyError`. A request without a family is looked up here by species id, scientific
+name or common name (`family_for`); a species the catalogue does not know is drawn by the base UNet.
+Everything lives in `data/catalogue.yaml`, validated at load; no torch here, so the client, the
+gateway and the Triton models resolve a species the same way. docs/families.md says which families
+and why.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -21,17 +27,18 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from birdgen.prompts import DATA_DIR, load_data_file
+from birdgen.request_error import RequestError
 
 DEFAULT_CATALOGUE = DATA_DIR / "catalogue.yaml"
-MIN_PRIORITY_GROUPS = 5
+MIN_PRIORITY_FAMILIES = 5
 
-_GROUP = re.compile(r"^[A-Z][a-z]+formes$")
-_FAMILY = re.compile(r"^[A-Z][a-z]+idae$")
+_ORDER = re.compile(r"^[A-Z][a-z]+formes$")
+_TAXONOMIC_FAMILY = re.compile(r"^[A-Z][a-z]+idae$")
 _SPECIES_ID = re.compile(r"^[a-z][a-z0-9]{2,11}$")  # eBird species codes: amerob, eurrob1, y00678
 _BINOMIAL = re.compile(r"^[A-Z][a-z]+ [a-z]+(-[a-z]+)?$")
 _NOT_ALNUM = re.compile(r"[\W_]+")
 
-GroupSource = Literal["request", "catalogue", "unknown"]
+FamilySource = Literal["request", "catalogue", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -39,20 +46,20 @@ class Species:
     species_id: str
     common_name: str
     scientific_name: str
-    group: str  # the family group (order) whose LoRA draws it
-    family: str  # the taxonomic family (Turdidae), for people reading the catalogue
+    family: str  # the family (an order) whose LoRA draws it
+    taxonomic_family: str  # Turdidae: for people reading the catalogue, and photo rows that give it
     aliases: tuple[str, ...] = ()  # other common names in use (IOC, British)
 
 
 @dataclass(frozen=True)
-class FamilyGroup:
+class Family:
     name: str
     lora_priority: bool
     rationale: str
 
 
-class GroupRequest(Protocol):
-    """What `resolve_group` reads from a request (an ImageRequest fits)."""
+class FamilyRequest(Protocol):
+    """What `family_for` reads from a request (an ImageRequest fits)."""
 
     species: str
     scientific_name: str | None
@@ -83,7 +90,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class _GroupEntry(_Strict):
+class _FamilyEntry(_Strict):
     lora_priority: bool
     rationale: str = Field(min_length=1)
 
@@ -91,7 +98,7 @@ class _GroupEntry(_Strict):
     @classmethod
     def _says_something(cls, rationale: str) -> str:
         if not rationale.strip():
-            raise ValueError("rationale must say why this group (one line)")
+            raise ValueError("rationale must say why this family (one line)")
         return rationale.strip()
 
 
@@ -119,42 +126,44 @@ class _SpeciesEntry(_Strict):
 
 
 class CatalogueFile(_Strict):
-    """The validated catalogue.yaml: groups, then species by group -> family -> species id."""
+    """The validated catalogue.yaml: families, then species by family -> taxonomic family -> species id."""
 
-    groups: dict[str, _GroupEntry] = Field(min_length=1)
+    families: dict[str, _FamilyEntry] = Field(min_length=1)
     species: dict[str, dict[str, dict[str, _SpeciesEntry]]]
 
-    @field_validator("groups")
+    @field_validator("families")
     @classmethod
-    def _group_names(cls, groups: dict[str, _GroupEntry]) -> dict[str, _GroupEntry]:
+    def _family_names(cls, families: dict[str, _FamilyEntry]) -> dict[str, _FamilyEntry]:
         seen: dict[str, str] = {}
-        for name in groups:
-            if not _GROUP.match(name):
-                raise ValueError(f"group {name!r} is not an order name like 'Passeriformes'")
+        for name in families:
+            if not _ORDER.match(name):
+                raise ValueError(f"family {name!r} is not an order name like 'Passeriformes'")
             if name.casefold() in seen:
-                raise ValueError(f"group {name!r} repeats {seen[name.casefold()]!r} (groups ignore case)")
+                raise ValueError(f"family {name!r} repeats {seen[name.casefold()]!r} (families ignore case)")
             seen[name.casefold()] = name
-        priority = [name for name, group in groups.items() if group.lora_priority]
-        if len(priority) < MIN_PRIORITY_GROUPS:
+        priority = [name for name, family in families.items() if family.lora_priority]
+        if len(priority) < MIN_PRIORITY_FAMILIES:
             raise ValueError(
-                f"at least {MIN_PRIORITY_GROUPS} groups need lora_priority: true, got {len(priority)}: "
+                f"at least {MIN_PRIORITY_FAMILIES} families need lora_priority: true, got {len(priority)}: "
                 f"{', '.join(priority) or 'none'}"
             )
-        return groups
+        return families
 
     @model_validator(mode="after")
     def _consistent(self) -> CatalogueFile:
-        group_of_family: dict[str, str] = {}
+        family_of_taxon: dict[str, str] = {}
         first_seen: dict[tuple[str, str], str] = {}  # (kind, key) -> where it was first seen
-        for group, families in self.species.items():
-            if group not in self.groups:
-                raise ValueError(f"species.{group}: unknown group; allowed: {', '.join(self.groups)}")
-            for family, entries in families.items():
-                where = f"species.{group}.{family}"
-                if not _FAMILY.match(family):
-                    raise ValueError(f"{where}: not a family name like 'Turdidae'")
-                if group_of_family.setdefault(family, group) != group:
-                    raise ValueError(f"{where}: family already listed under {group_of_family[family]}")
+        for family, taxa in self.species.items():
+            if family not in self.families:
+                raise ValueError(f"species.{family}: unknown family; allowed: {', '.join(self.families)}")
+            for taxon, entries in taxa.items():
+                where = f"species.{family}.{taxon}"
+                if not _TAXONOMIC_FAMILY.match(taxon):
+                    raise ValueError(f"{where}: not a taxonomic family name like 'Turdidae'")
+                if family_of_taxon.setdefault(taxon, family) != family:
+                    raise ValueError(
+                        f"{where}: taxonomic family already listed under {family_of_taxon[taxon]}"
+                    )
                 for species_id, entry in entries.items():
                     here = f"{where}.{species_id}"
                     if not _SPECIES_ID.match(species_id):
@@ -175,20 +184,28 @@ class CatalogueFile(_Strict):
         return self
 
 
+class UnknownFamilyError(RequestError):
+    """A name that is no family: the one error for a request's `family`, `--lora`, and training."""
+
+    def __init__(self, value: object, families: Iterable[str]) -> None:
+        super().__init__("family", value, ", ".join(families))
+
+
 class Catalogue:
-    """Family groups and species, with the lookups a request needs. Build with `Catalogue.load`."""
+    """Families and species, with the lookups a request needs. Build with `Catalogue.load`."""
 
     def __init__(self, data: CatalogueFile) -> None:
-        self.groups: Mapping[str, FamilyGroup] = MappingProxyType(
-            {name: FamilyGroup(name, g.lora_priority, g.rationale) for name, g in data.groups.items()}
+        self.families: Mapping[str, Family] = MappingProxyType(
+            {name: Family(name, f.lora_priority, f.rationale) for name, f in data.families.items()}
         )
         self.species: tuple[Species, ...] = tuple(
-            Species(species_id, entry.common, entry.scientific, group, family, tuple(entry.also))
-            for group, families in data.species.items()
-            for family, entries in families.items()
+            Species(species_id, entry.common, entry.scientific, family, taxon, tuple(entry.also))
+            for family, taxa in data.species.items()
+            for taxon, entries in taxa.items()
             for species_id, entry in entries.items()
         )
-        self._group_keys = {name.casefold(): name for name in self.groups}
+        self._family_keys = {name.casefold(): name for name in self.families}
+        self._family_of_taxon = {s.taxonomic_family.casefold(): s.family for s in self.species}
         self._by_id = {_id_key(s.species_id): s for s in self.species}
         self._by_scientific = {_scientific_key(s.scientific_name): s for s in self.species}
         self._by_common = {_common_key(name): s for s in self.species for name in (s.common_name, *s.aliases)}
@@ -198,9 +215,17 @@ class Catalogue:
         """The catalogue from `path`, or the bundled one (read once per process)."""
         return _load_default() if path is None else cls(load_data_file(path, CatalogueFile))
 
-    def canonical_group(self, value: str) -> str | None:
-        """The group `value` names, in canonical spelling ("passeriformes" -> "Passeriformes")."""
-        return self._group_keys.get(value.strip().casefold())
+    def family(self, name: str, *, taxonomic: bool = False) -> str:
+        """The family `name` names, in canonical spelling ("passeriformes" -> "Passeriformes").
+
+        `taxonomic=True` also accepts a taxonomic family the catalogue lists ("Turdidae" ->
+        "Passeriformes"): photo rows give either. Raises UnknownFamilyError for anything else.
+        """
+        key = name.strip().casefold()
+        found = self._family_keys.get(key) or (self._family_of_taxon.get(key) if taxonomic else None)
+        if found is None:
+            raise UnknownFamilyError(name, self.families)
+        return found
 
     def lookup(
         self,
@@ -224,29 +249,24 @@ class Catalogue:
                 return found
         return None
 
-    def resolve_group(self, request: GroupRequest) -> tuple[str | None, GroupSource]:
-        """The group that draws `request` and where it came from.
+    def family_for(self, request: FamilyRequest) -> tuple[str | None, FamilySource]:
+        """The family that draws `request` and where it came from.
 
-        The request's own `family` wins ("request"); else the catalogue's group for its species
+        The request's own `family` wins ("request"); else the catalogue's family for its species
         ("catalogue"); else (None, "unknown"), which the base UNet draws.
         """
         if request.family:
-            group = self.canonical_group(request.family)
-            if group is None:
-                raise ValueError(
-                    f"invalid 'family': got {request.family!r}; allowed: {', '.join(self.groups)}"
-                )
-            return group, "request"
+            return self.family(request.family), "request"
         species = self.lookup(
             species_id=request.species_id,
             scientific_name=request.scientific_name,
             common_name=request.species,
         )
-        return (species.group, "catalogue") if species else (None, "unknown")
+        return (species.family, "catalogue") if species else (None, "unknown")
 
-    def priority_groups(self) -> list[str]:
-        """The groups that get a LoRA first, in file order."""
-        return [name for name, group in self.groups.items() if group.lora_priority]
+    def priority_families(self) -> list[str]:
+        """The families that get a LoRA first, in file order."""
+        return [name for name, family in self.families.items() if family.lora_priority]
 
 
 @functools.cache

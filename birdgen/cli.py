@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, required=True, help="the diffusers SDXL folder to adapt")
     p.add_argument("--data", dest="data_dir", type=Path, required=True, help="photos + metadata.jsonl/csv")
     p.add_argument("--output", dest="output_dir", type=Path, required=True)
-    p.add_argument("--family", help="train on this family group only (others are rejected)")
+    p.add_argument("--family", help="train on this family (an order) only; rows of others are rejected")
     for flag, kind in (
         ("rank", int), ("alpha", float), ("dropout", float), ("lr", float), ("warmup_steps", int),
         ("max_steps", int), ("batch_size", int), ("grad_accum", int), ("max_grad_norm", float),

@@ -3,14 +3,13 @@
 The client, the HTTP gateway and the Triton models all import this module, so a request means the
 same thing everywhere: the same defaults, the same canonical form (cache key and derived seed) and
 the same error for the same mistake. Limits come from `data/limits.yaml`, vocabulary values
-(pose, behaviour, season, ...) from `data/vocabulary.yaml`, family groups from `data/catalogue.yaml`,
+(pose, behaviour, season, ...) from `data/vocabulary.yaml`, families from `data/catalogue.yaml`,
 e-ink panels and palettes from `data/eink_panels.yaml`.
 The two requests share every field they have in common: each is declared and validated once.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import hashlib
 import json
@@ -34,6 +33,7 @@ from birdgen.catalogue import Catalogue
 from birdgen.eink_panels import DITHERS, FITS
 from birdgen.eink_panels import PRESETS as EINK_PRESETS
 from birdgen.prompts import DATA_DIR, FIELDS, PromptLibrary, load_data_file
+from birdgen.request_error import MISSING, RequestError
 
 DEFAULT_LIMITS = DATA_DIR / "limits.yaml"
 _SPECIES_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -45,36 +45,6 @@ EINK_FIELDS = ("eink_panel", "eink_palette", "eink_dither", "eink_fit")
 EINK_SOURCE_FORMAT = "png"  # lossless: the panel picture is the same wherever it is rendered
 # Fields that choose how a result is delivered, not what is drawn: left out of the derived seed.
 OUTPUT_CHOICES = ("format", "poster_frame", *EINK_FIELDS)
-
-
-class _Missing(enum.Enum):
-    MISSING = "MISSING"
-
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-MISSING = _Missing.MISSING  # RequestError.value when a required field was not given
-
-
-class RequestError(ValueError):
-    """A bad request, naming the field, the value it got and what is allowed (a 4xx, never a 5xx)."""
-
-    def __init__(self, field: str, value: object, allowed: str) -> None:
-        super().__init__(field, value, allowed)  # keeps the error picklable across processes
-        self.field = field
-        self.value = value
-        self.allowed = allowed
-
-    def __str__(self) -> str:
-        if self.value is MISSING:
-            return f"missing {self.field!r}; allowed: {self.allowed}"
-        return f"invalid {self.field!r}: got {_short_repr(self.value)}; allowed: {self.allowed}"
-
-
-def _short_repr(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Strict(BaseModel):
@@ -264,7 +234,7 @@ class _Request(BaseModel):
         if field in ("prompt", "negative_prompt"):
             return f"a string of at most {n.prompt} characters, or null"
         if field == "family":
-            return f"{', '.join(CATALOGUE.groups)}, or null"
+            return f"{', '.join(CATALOGUE.families)}, or null"
         if field == "format":
             aliases = ", ".join(f"{a} = {t}" for a, t in cls._limits.format_aliases.items())
             return ", ".join(cls._limits.formats) + (f" (also {aliases})" if aliases else "")
@@ -322,10 +292,7 @@ class _Request(BaseModel):
         text = cls._text(value, "family") if value is not None else ""
         if not text:
             return None
-        family = CATALOGUE.canonical_group(text)
-        if family is None:
-            raise RequestError("family", value, cls._allowed("family"))
-        return family
+        return CATALOGUE.family(text)
 
     @field_validator(*FIELDS, check_fields=False)
     @classmethod

@@ -28,7 +28,7 @@ class FamilyRouter:
 
     def choose(self, request: Any, base: str = BASE_UNET) -> UnetChoice:
         """The UNet for `request`: images from `unet` models, clips from `motion_unet` ones."""
-        family, source = self.catalogue.resolve_group(request)
+        family, source = self.catalogue.family_for(request)
         model = family_model(family, base) if family else base
         if model != base and not self.versions(model):
             model = base  # a known family without a trained LoRA yet: the base model draws it

@@ -391,13 +391,8 @@ def export_repository(
 
 
 def _canonical_families(loras: Mapping[str, Path], catalogue: Any) -> dict[str, Path]:
-    families = {}
-    for name, path in loras.items():
-        family = catalogue.canonical_group(name)
-        if family is None:
-            raise ValueError(f"unknown family {name!r} for --lora; allowed: {', '.join(catalogue.groups)}")
-        families[family] = Path(path)
-    return families
+    """The LoRAs by canonical family name; an unknown name raises the catalogue's UnknownFamilyError."""
+    return {catalogue.family(name): Path(path) for name, path in loras.items()}
 
 
 def _version_dirs(model: Path) -> list[int]:

@@ -1,4 +1,4 @@
-"""The species catalogue: lookups by every key and spelling, group resolution, and bad data failing loudly."""
+"""The species catalogue: lookups by every key and spelling, family resolution, bad data failing loudly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from birdgen.catalogue import DEFAULT_CATALOGUE, Catalogue, Species
+from birdgen.catalogue import DEFAULT_CATALOGUE, Catalogue, Species, UnknownFamilyError
 from birdgen.prompts import DataFileError, PromptLibrary
 from birdgen.schema import CATALOGUE, ImageRequest, RequestError
 
@@ -22,7 +22,7 @@ def cat() -> Catalogue:
 
 @dataclass(frozen=True)
 class Req:
-    """A duck-typed request: `resolve_group` must not need an ImageRequest."""
+    """A duck-typed request: `family_for` must not need an ImageRequest."""
 
     species: str = "Dodo"
     scientific_name: str | None = None
@@ -30,20 +30,20 @@ class Req:
     family: str | None = None
 
 
-def test_bundled_catalogue_covers_the_priority_groups_and_hundreds_of_species(cat: Catalogue) -> None:
+def test_bundled_catalogue_covers_the_priority_families_and_hundreds_of_species(cat: Catalogue) -> None:
     assert Catalogue.load() is cat is CATALOGUE
     assert len(cat.species) >= 300
-    priority = cat.priority_groups()
+    priority = cat.priority_families()
     assert len(priority) >= 5 and priority[:2] == ["Passeriformes", "Charadriiformes"]
-    assert all(cat.groups[name].lora_priority and cat.groups[name].rationale for name in priority)
-    groups_with_species = {s.group for s in cat.species}
-    assert groups_with_species == set(cat.groups)  # every group a request may name has species
+    assert all(cat.families[name].lora_priority and cat.families[name].rationale for name in priority)
+    families_with_species = {s.family for s in cat.species}
+    assert families_with_species == set(cat.families)  # every family a request may name has species
     for name in priority:
-        assert sum(s.group == name for s in cat.species) >= 20, name  # enough to train and test a LoRA
-    assert sum(s.group == "Passeriformes" for s in cat.species) > len(cat.species) / 3
+        assert sum(s.family == name for s in cat.species) >= 20, name  # enough to train and test a LoRA
+    assert sum(s.family == "Passeriformes" for s in cat.species) > len(cat.species) / 3
 
 
-# Orders the catalogue must get right (easy to confuse): taxonomic family -> group.
+# Orders the catalogue must get right (easy to confuse): taxonomic family -> family (order).
 ORDERS = {
     "Laridae": "Charadriiformes",  # gulls, terns, skimmers
     "Scolopacidae": "Charadriiformes",  # sandpipers
@@ -69,18 +69,18 @@ ORDERS = {
 
 def test_species_sit_in_the_right_order(cat: Catalogue) -> None:
     for species in cat.species:
-        if species.family in ORDERS:
-            assert species.group == ORDERS[species.family], species
-    assert {s.family for s in cat.species} >= set(ORDERS)
+        if species.taxonomic_family in ORDERS:
+            assert species.family == ORDERS[species.taxonomic_family], species
+    assert {s.taxonomic_family for s in cat.species} >= set(ORDERS)
 
 
-def test_every_species_makes_a_valid_request_that_resolves_to_its_group(cat: Catalogue) -> None:
+def test_every_species_makes_a_valid_request_that_resolves_to_its_family(cat: Catalogue) -> None:
     for species in cat.species:
         for name in (species.common_name, *species.aliases):
             request = ImageRequest(
                 species=name, scientific_name=species.scientific_name, species_id=species.species_id
             )
-            assert cat.resolve_group(request) == (species.group, "catalogue")
+            assert cat.family_for(request) == (species.family, "catalogue")
             assert cat.lookup(common_name=name) is species
 
 
@@ -89,7 +89,7 @@ def test_vocabulary_example_species_agree_with_the_catalogue(cat: Catalogue) -> 
         species = cat.lookup(scientific_name=example.scientific)
         assert species is not None, example
         assert cat.lookup(common_name=example.common) is species, example
-        assert species.group == example.family, example
+        assert species.family == example.family, example
 
 
 LOOKUPS = [
@@ -138,45 +138,62 @@ def test_unknown_species_are_none(cat: Catalogue, keys: dict[str, str]) -> None:
     assert cat.lookup(**keys) is None
 
 
-def test_canonical_group_ignores_case_and_knows_only_groups(cat: Catalogue) -> None:
-    assert cat.canonical_group(" passeriformes ") == "Passeriformes"
-    assert cat.canonical_group("CHARADRIIFORMES") == "Charadriiformes"
+def test_family_ignores_case_and_knows_only_families(cat: Catalogue) -> None:
+    assert cat.family(" passeriformes ") == "Passeriformes"
+    assert cat.family("CHARADRIIFORMES") == "Charadriiformes"
     for value in ("", "Turdidae", "Passerines", "Dinosauria"):
-        assert cat.canonical_group(value) is None
+        with pytest.raises(UnknownFamilyError) as info:
+            cat.family(value)
+        assert (info.value.field, info.value.value, info.value.allowed) == (
+            "family",
+            value,
+            ", ".join(cat.families),
+        )
 
 
-def test_resolve_group_request_family_wins_then_catalogue_then_unknown(cat: Catalogue) -> None:
+def test_family_taxonomic_also_reads_a_taxonomic_family(cat: Catalogue) -> None:
+    assert cat.family("turdidae", taxonomic=True) == "Passeriformes"
+    assert cat.family("Laridae", taxonomic=True) == "Charadriiformes"
+    assert cat.family("piciformes", taxonomic=True) == "Piciformes"
+    with pytest.raises(UnknownFamilyError):
+        cat.family("Dinosauridae", taxonomic=True)
+
+
+def test_family_for_request_family_wins_then_catalogue_then_unknown(cat: Catalogue) -> None:
     robin = {"species": "American Robin", "scientific_name": "Turdus migratorius", "species_id": "amerob"}
-    assert cat.resolve_group(ImageRequest(**robin)) == ("Passeriformes", "catalogue")
-    assert cat.resolve_group(ImageRequest(**robin, family="strigiformes")) == ("Strigiformes", "request")
-    assert cat.resolve_group(ImageRequest(species="Dodo")) == (None, "unknown")
-    assert cat.resolve_group(ImageRequest(species="Dodo", family="Columbiformes")) == (
+    assert cat.family_for(ImageRequest(**robin)) == ("Passeriformes", "catalogue")
+    assert cat.family_for(ImageRequest(**robin, family="strigiformes")) == ("Strigiformes", "request")
+    assert cat.family_for(ImageRequest(species="Dodo")) == (None, "unknown")
+    assert cat.family_for(ImageRequest(species="Dodo", family="Columbiformes")) == (
         "Columbiformes",
         "request",
     )
     # the id outranks a mismatching name; an unknown id falls back to the names
-    assert cat.resolve_group(Req(species="Mallard", species_id="amerob")) == ("Passeriformes", "catalogue")
-    assert cat.resolve_group(Req(species="Mallard", species_id="nosuch1")) == ("Anseriformes", "catalogue")
-    assert cat.resolve_group(Req(family=" piciformes")) == ("Piciformes", "request")
-    with pytest.raises(ValueError, match="invalid 'family': got 'Turdidae'; allowed: Passeriformes"):
-        cat.resolve_group(Req(family="Turdidae"))
+    assert cat.family_for(Req(species="Mallard", species_id="amerob")) == ("Passeriformes", "catalogue")
+    assert cat.family_for(Req(species="Mallard", species_id="nosuch1")) == ("Anseriformes", "catalogue")
+    assert cat.family_for(Req(family=" piciformes")) == ("Piciformes", "request")
+    with pytest.raises(UnknownFamilyError, match="invalid 'family': got 'Turdidae'; allowed: Passeriformes"):
+        cat.family_for(Req(family="Turdidae"))
 
 
-def test_schema_accepts_exactly_the_catalogue_groups(cat: Catalogue) -> None:
-    for name in cat.groups:
+def test_schema_accepts_exactly_the_catalogue_families(cat: Catalogue) -> None:
+    for name in cat.families:
         assert ImageRequest(species="x", family=name.lower()).family == name
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(UnknownFamilyError) as info:
         ImageRequest(species="x", family="Turdidae")
     assert info.value.field == "family" and info.value.value == "Turdidae"
-    assert info.value.allowed == f"{', '.join(cat.groups)}, or null"
+    assert str(info.value) == str(UnknownFamilyError("Turdidae", cat.families))  # the one message
+    with pytest.raises(RequestError) as info:
+        ImageRequest(species="x", family=7)
+    assert info.value.allowed == f"{', '.join(cat.families)}, or null"
 
 
-def test_docs_table_lists_every_group_with_its_priority_and_count(cat: Catalogue) -> None:
+def test_docs_table_lists_every_family_with_its_priority_and_count(cat: Catalogue) -> None:
     rows = re.findall(r"^\| (\w+formes) \| (yes)? ?\| (\d+) \|", DOCS.read_text(encoding="utf-8"), re.M)
-    assert [name for name, _, _ in rows] == list(cat.groups)
+    assert [name for name, _, _ in rows] == list(cat.families)
     for name, priority, count in rows:
-        assert (priority == "yes") == cat.groups[name].lora_priority, name
-        assert int(count) == sum(s.group == name for s in cat.species), name
+        assert (priority == "yes") == cat.families[name].lora_priority, name
+        assert int(count) == sum(s.family == name for s in cat.species), name
 
 
 ROBIN_LINE = "      amerob: {common: American Robin, scientific: Turdus migratorius}\n"
@@ -235,4 +252,4 @@ def test_broken_catalogue_names_the_bad_entry(tmp_path: Path, old: str, new: str
     assert str(path) in str(info.value)
     path.write_text(text, encoding="utf-8")
     reloaded = Catalogue.load(path)
-    assert (reloaded.groups, reloaded.species) == (CATALOGUE.groups, CATALOGUE.species)
+    assert (reloaded.families, reloaded.species) == (CATALOGUE.families, CATALOGUE.species)

@@ -27,6 +27,7 @@ CORE = {
     "birdgen.prompts",
     "birdgen.catalogue",
     "birdgen.schema",
+    "birdgen.request_error",
     "birdgen.eink_panels",
     "birdgen.eink",
     "birdgen.free_noise",

@@ -99,10 +99,11 @@ class FakeClient:
 
 
 def catalogue(tmp_path: Path, species_ids: list[str], extra_rows: str = "") -> Path:
-    """A CSV of these catalogue species (names and groups from catalogue.yaml), then `extra_rows`."""
+    """A CSV of these catalogue species (names and families from catalogue.yaml), then `extra_rows`."""
     species = {s.species_id: s for s in Catalogue.load().species}
     rows = [
-        f"{i},{species[i].common_name},{species[i].scientific_name},{species[i].group}\n" for i in species_ids
+        f"{i},{species[i].common_name},{species[i].scientific_name},{species[i].family}\n"
+        for i in species_ids
     ]
     path = tmp_path / "species.csv"
     path.write_text(HEADER + "".join(rows) + extra_rows)
@@ -299,7 +300,7 @@ def test_the_sample_catalogue_validates_and_names_catalogue_species() -> None:
         assert (request.species, request.scientific_name, request.family) == (
             species.common_name,
             species.scientific_name,
-            species.group,
+            species.family,
         )
     assert {item.request.pose for item in plan.items if item.kind == "image"} == {"perched"}
 

@@ -169,7 +169,7 @@ def test_example_species_are_valid_requests(lib: PromptLibrary) -> None:
         request = ImageRequest(
             species=species.common, scientific_name=species.scientific, family=species.family
         )
-        assert request.family in CATALOGUE.groups
+        assert request.family in CATALOGUE.families
         assert f"{species.common} ({species.scientific})" in lib.build(request).text
 
 

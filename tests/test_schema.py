@@ -48,7 +48,7 @@ def test_limits_file_matches_the_contract() -> None:
     assert (LIMITS.seed.min, LIMITS.seed.max) == (0, 2**63 - 1)
     assert (LIMITS.max_length.name, LIMITS.max_length.species_id, LIMITS.max_length.prompt) == (100, 64, 1000)
     assert LIMITS.formats == ["png", "webp", "jpeg", "eink"] and LIMITS.default_format == "png"
-    assert "families" not in Limits.model_fields  # family groups live in the catalogue alone
+    assert "families" not in Limits.model_fields  # families live in the catalogue alone
 
 
 def test_defaults_come_from_the_data_files() -> None:
@@ -108,7 +108,7 @@ def test_every_vocabulary_value_is_accepted() -> None:
     for field in ("pose", "season", "lighting", "style", "habitat"):
         for value in library.allowed(field):
             assert getattr(ImageRequest(species="x", **{field: value.upper()}), field) == value
-    for family in CATALOGUE.groups:
+    for family in CATALOGUE.families:
         assert ImageRequest(species="x", family=family.upper()).family == family
         assert ImageRequest(species="x", family=f" {family.lower()} ").family == family
 
@@ -124,7 +124,7 @@ BAD = [
     ({"species_id": "x" * 65}, "species_id", "at most 64 characters"),
     ({"species_id": "amerob/../etc"}, "species_id", "letters, digits"),
     ({"family": "Dinosauria"}, "family", "Passeriformes, Charadriiformes"),
-    ({"family": "Turdidae"}, "family", "Accipitriformes"),  # a taxonomic family is not a group
+    ({"family": "Turdidae"}, "family", "Accipitriformes"),  # a taxonomic family is not a family
     ({"pose": "upside-down"}, "pose", "perched, flying"),
     ({"season": "monsoon"}, "season", "spring, summer, autumn, winter, breeding, non-breeding"),
     ({"lighting": "disco"}, "lighting", "golden-hour"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from birdgen.catalogue import Catalogue, UnknownFamilyError
 from birdgen.prompts import PromptLibrary
 from birdgen.schema import ImageRequest
 from birdgen.training.dataset import (
@@ -276,8 +277,8 @@ def test_exif_orientation_gives_the_upright_size(tmp_path: Path) -> None:
     assert item["original_size"] == (120, 80)
 
 
-def test_family_group_from_the_catalogue(tmp_path: Path) -> None:
-    """A row may give the order, a taxonomic family, or nothing: the species catalogue fills the group."""
+def test_family_from_the_catalogue(tmp_path: Path) -> None:
+    """A row may give the order, a taxonomic family, or nothing: the species catalogue fills the family."""
     for i in range(4):
         textured(96, 96, 20 + i).save(tmp_path / f"{i}.png")
     no_family = row("0.png", family="")
@@ -292,3 +293,17 @@ def test_family_group_from_the_catalogue(tmp_path: Path) -> None:
     rejected = {r.file: r for r in data.rejected}
     assert rejected["2.png"].reason == UNKNOWN_FAMILY and "Charadriiformes" in rejected["2.png"].detail
     assert rejected["3.png"].reason == UNKNOWN_FAMILY and "not in the catalogue" in rejected["3.png"].detail
+
+
+def test_a_family_the_catalogue_does_not_know_is_the_resolvers_error(tmp_path: Path) -> None:
+    """Rows and `--family` go through Catalogue.family: the same error as a request or `--lora` gets."""
+    for i in range(2):
+        textured(96, 96, 30 + i).save(tmp_path / f"{i}.png")
+    write_jsonl(tmp_path / "metadata.jsonl", [row("0.png", family="Dinosauria"), row("1.png", family="")])
+    data = BirdDataset(tmp_path, resolution=RESOLUTION)  # every family: still no room for a made-up one
+    assert [r.file for r in data.records] == ["1.png"]
+    (rejected,) = data.rejected
+    assert rejected.reason == UNKNOWN_FAMILY
+    assert rejected.detail == str(UnknownFamilyError("Dinosauria", Catalogue.load().families))
+    with pytest.raises(UnknownFamilyError, match="invalid 'family': got 'Passerines'"):
+        BirdDataset(tmp_path, resolution=RESOLUTION, family="Passerines")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from birdgen.catalogue import Catalogue
+from birdgen.catalogue import Catalogue, UnknownFamilyError
 from birdgen.prompts import PromptLibrary
 from birdgen.schema import ImageRequest, RequestError
 from birdgen.training.config import DEFAULT_JITTER, DEFAULT_LICENCES, DEFAULT_MIN_SHARPNESS
@@ -208,7 +208,7 @@ class BirdDataset(torch.utils.data.Dataset):
         self.min_side = resolution if min_side is None else min_side
         self.licences = tuple(dict.fromkeys(normalise_licence(name) for name in licences))
         self.catalogue = catalogue or Catalogue.load()
-        self.family = (self.catalogue.canonical_group(family) or family.strip()) if family else None
+        self.family = self.catalogue.family(family) if family else None
         self.min_sharpness = min_sharpness
         self.flip = flip
         self.random_crop = random_crop
@@ -260,10 +260,13 @@ class BirdDataset(torch.utils.data.Dataset):
             return Rejection(
                 file, LICENCE, f"{text['licence']!r} is {licence_key}; allowed: {', '.join(self.licences)}"
             )
-        family = self._group(text.get("family", ""), text["species"], text.get("scientific_name", ""))
-        if self.family is not None and (family or "").casefold() != self.family.casefold():
-            given = text.get("family") or "none given, species not in the catalogue"
-            return Rejection(file, UNKNOWN_FAMILY, f"family {family or given!r}; training {self.family}")
+        try:
+            family = self._family(text.get("family", ""), text["species"], text.get("scientific_name", ""))
+        except UnknownFamilyError as exc:
+            return Rejection(file, UNKNOWN_FAMILY, str(exc))
+        if self.family is not None and family != self.family:
+            given = family or "none given, species not in the catalogue"
+            return Rejection(file, UNKNOWN_FAMILY, f"family {given!r}; training {self.family}")
         prompt_fields = {c: text[c] for c in PROMPT_COLUMNS if text.get(c)}
         try:
             request = ImageRequest(
@@ -289,18 +292,15 @@ class BirdDataset(torch.utils.data.Dataset):
         )
         return record, caption
 
-    def _group(self, family: str, species: str, scientific_name: str) -> str | None:
-        """The family group (order, one LoRA each) of a row: its `family` column as a group
-        ("passeriformes") or a taxonomic family the catalogue knows ("Turdidae"); else the catalogue's
-        group for the species; else the column as written (None when empty)."""
-        if family:
-            group = self.catalogue.canonical_group(family)
-            if group is not None:
-                return group
-            folded = family.strip().casefold()
-            return next((s.group for s in self.catalogue.species if s.family.casefold() == folded), family)
+    def _family(self, column: str, species: str, scientific_name: str) -> str | None:
+        """The family (an order, one LoRA each) of a row: its `family` column, an order
+        ("passeriformes") or a taxonomic family the catalogue lists ("Turdidae"); an empty column: the
+        catalogue's family for the species, None when it has none. Any other column raises the
+        catalogue's UnknownFamilyError."""
+        if column:
+            return self.catalogue.family(column, taxonomic=True)
         found = self.catalogue.lookup(scientific_name=scientific_name or None, common_name=species)
-        return found.group if found else None
+        return found.family if found else None
 
     def _check_image(self, file: str) -> Rejection | None:
         """Size and sharpness gates. Sharpness is measured at training scale (shortest side =
