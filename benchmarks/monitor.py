@@ -16,7 +16,7 @@ from typing import Any
 
 from birdgen.contracts import ANIMATION_MODEL, ANIMATION_STREAM_MODEL, IMAGE_MODEL
 from birdgen.ensemble.triton_model import ENGINE_SECONDS
-from birdgen.server import live_group_members
+from birdgen.process_group import live_group_members
 
 ENTRY_MODELS = (IMAGE_MODEL, ANIMATION_MODEL, ANIMATION_STREAM_MODEL)
 Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -428,7 +428,7 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from birdgen.client.errors import BirdgenError
     from birdgen.model_folder import ModelFolderError
-    from birdgen.server import TritonServerError
+    from birdgen.triton_install import TritonServerError
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()

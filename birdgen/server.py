@@ -1,10 +1,9 @@
 """Run the real ``tritonserver`` from the ``nvidia-pytriton`` wheel as a managed child process.
 
 Why: tests and ``birdgen serve`` need a genuine Triton (gRPC, HTTP, metrics, python backend, response
-cache) without the NGC container. The wheel ships the binary but not a usable python-backend directory,
-and its stub embeds the *system* libpython, so this module assembles the pieces: a backend directory of
-our own, ``LD_LIBRARY_PATH`` for the bundled libraries, and ``BIRDGEN_SITE`` so each ``model.py`` can
-reach the venv (see ``MODEL_BOOTSTRAP``).
+cache) without the NGC container. ``birdgen.triton_install`` makes the wheel's server runnable; this
+module starts it on free ports in its own process group, waits for readiness, quotes its log on
+failure, and stops it (``birdgen.process_group``) without leaving stubs or shared memory behind.
 
 Kept import-cheap on purpose (stdlib only, no torch, no tritonclient): the CLI imports it eagerly.
 """
@@ -13,13 +12,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
-import functools
 import os
 import re
-import shutil
 import signal
-import site
 import socket
 import subprocess
 import sys
@@ -32,57 +27,13 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
-__all__ = [
-    "MODEL_BOOTSTRAP",
-    "TritonInstall",
-    "TritonServer",
-    "TritonServerError",
-    "free_port",
-    "live_group_members",
-    "serve_forever",
-    "server_environment",
-    "triton_install",
-]
+from birdgen.process_group import exit_status, wait_exit_unreaped, wait_group_gone
+from birdgen.triton_install import TritonServerError, check_stub_libraries, server_environment, triton_install
 
-# Paste at the very top of every model.py, before any non-stdlib import. The stub runs the system
-# libpython and ignores PYTHONPATH; site.addsitedir (unlike a bare sys.path insert) also runs the venv's
-# .pth files, which is what installs the editable-birdgen finder. The venv then goes first on sys.path.
-MODEL_BOOTSTRAP = """\
-import os
-import site
-import sys
+__all__ = ["TritonServer", "free_port", "serve_forever", "serving_flags"]
 
-
-def _use_birdgen_site() -> None:
-    before = list(sys.path)
-    for path in filter(None, os.environ.get("BIRDGEN_SITE", "").split(os.pathsep)):
-        site.addsitedir(path)
-    sys.path[:] = [p for p in sys.path if p not in before] + before  # venv first
-
-
-_use_birdgen_site()
-"""
-
-_PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-_STUB = "triton_python_backend_stub"
 _LOG_ERROR_LINE = re.compile(r"^E\d{4} |^error: |failed to load", re.IGNORECASE)
 _LOG_NOISE = re.compile(r"CudaDriverHelper has not been initialized")  # every start on a CPU-only host
-
-
-class TritonServerError(RuntimeError):
-    """Triton could not be located, started, or became unhealthy; the message carries the log tail."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TritonInstall:
-    """Where the pieces of the pip-installed Triton live (``backend_dir`` is our own, not the wheel's)."""
-
-    binary: Path
-    backend_dir: Path
-    cache_dir: Path
-    lib_dir: Path
-    stub: Path
-    version: str
 
 
 def free_port() -> int:
@@ -98,119 +49,6 @@ def free_port() -> int:
 
 
 _issued_ports: set[int] = set()
-
-
-@functools.cache
-def triton_install() -> TritonInstall:
-    """Locate Triton inside the installed ``pytriton`` package (without importing it: that is slow)."""
-    import importlib.metadata  # lazily: keeps `import birdgen.server` cheap
-    import importlib.util
-
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonServerError(
-            "tritonserver not found: install the model extras (pip install -e '.[models]', "
-            "which brings nvidia-pytriton)"
-        )
-    root = Path(next(iter(spec.submodule_search_locations)))
-    dist = root / "tritonserver"
-    version = importlib.metadata.version("nvidia-pytriton")
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub_src = dist / "python_backend_stubs" / py / _STUB
-    binary = dist / "bin" / "tritonserver"
-    for needed in (binary, stub_src, *(dist / "backends" / "python" / f for f in _PYTHON_BACKEND_FILES)):
-        if not needed.is_file():
-            raise TritonServerError(f"nvidia-pytriton {version} is incomplete: {needed} is missing")
-    backend_dir = _prepare_backend_dir(dist, stub_src, f"{version}-py{py}")
-    return TritonInstall(
-        binary=binary,
-        backend_dir=backend_dir,
-        cache_dir=dist / "caches",
-        lib_dir=root.parent / "nvidia_pytriton.libs",
-        stub=backend_dir / "python" / _STUB,
-        version=version,
-    )
-
-
-def _prepare_backend_dir(dist: Path, stub_src: Path, key: str) -> Path:
-    """Build ``<cache>/triton-backends/<key>/python/`` = the wheel's python backend + our interpreter's stub.
-
-    Why: the wheel's ``backends/python`` lacks the stub, and site-packages must stay untouched. Files are
-    copied (not symlinked) because the backend chmods the stub; the directory is published atomically so
-    concurrent test processes never see a half-built one.
-    """
-    sources = {f: dist / "backends" / "python" / f for f in _PYTHON_BACKEND_FILES} | {_STUB: stub_src}
-    for base in (_cache_home() / "triton-backends", Path(tempfile.gettempdir()) / "birdgen-triton-backends"):
-        target = base / key
-        if _backend_dir_current(target / "python", sources):
-            return target
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=base))
-            (staging / "python").mkdir()
-            for name, src in sources.items():
-                shutil.copy2(src, staging / "python" / name)
-            (staging / "python" / _STUB).chmod(0o755)
-            if target.exists():  # stale (the wheel changed): move it aside, then replace
-                stale = Path(tempfile.mkdtemp(prefix=f".{key}-stale-", dir=base))
-                target.rename(stale / "old")
-                shutil.rmtree(stale, ignore_errors=True)
-            try:
-                staging.rename(target)
-            except OSError:  # another process published it first
-                shutil.rmtree(staging, ignore_errors=True)
-            if _backend_dir_current(target / "python", sources):
-                return target
-        except OSError:
-            continue  # e.g. read-only cache home: fall back to the temp dir
-    raise TritonServerError(f"could not build a python-backend directory for Triton ({key})")
-
-
-def _backend_dir_current(python_dir: Path, sources: dict[str, Path]) -> bool:
-    try:
-        return all((python_dir / n).stat().st_size == src.stat().st_size for n, src in sources.items())
-    except OSError:
-        return False
-
-
-def _cache_home() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "birdgen"
-
-
-@functools.cache
-def _check_stub_libraries(install: TritonInstall) -> None:
-    """Fail early, with the fix, when the stub's embedded libpython is not installed on the system."""
-    ldd = shutil.which("ldd")
-    if ldd is None:
-        return
-    env = {**os.environ, "LD_LIBRARY_PATH": _ld_library_path(install)}
-    out = subprocess.run([ldd, str(install.stub)], capture_output=True, text=True, env=env, check=False)
-    missing = [line.split()[0] for line in out.stdout.splitlines() if "not found" in line]
-    if not missing:
-        return
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    hint = (
-        f" The python-backend stub embeds the system Python {py}: install it with "
-        f"`apt-get install libpython{py}` (Debian/Ubuntu), and keep the venv on Python {py}."
-        if any(m.startswith("libpython") for m in missing)
-        else ""
-    )
-    raise TritonServerError(f"{install.stub} cannot run: missing {', '.join(missing)}.{hint}")
-
-
-def _ld_library_path(install: TritonInstall) -> str:
-    return os.pathsep.join(filter(None, [str(install.lib_dir), os.environ.get("LD_LIBRARY_PATH", "")]))
-
-
-def server_environment() -> dict[str, str]:
-    """The environment for tritonserver: ours plus its bundled libraries and ``BIRDGEN_SITE`` (the venv)."""
-    install = triton_install()
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = _ld_library_path(install)
-    env["BIRDGEN_SITE"] = os.pathsep.join(site.getsitepackages())
-    return env
-
-
 _running: set[TritonServer] = set()
 
 
@@ -310,7 +148,7 @@ class TritonServer:
     def pid(self) -> int | None:
         """The server's pid while it runs (also its process-group id), else None."""
         proc = self._process
-        if proc is None or proc.returncode is not None or _exit_status(proc.pid) is not None:
+        if proc is None or proc.returncode is not None or exit_status(proc.pid) is not None:
             return None
         return proc.pid
 
@@ -345,7 +183,7 @@ class TritonServer:
             if not self.model_repository.is_dir():
                 raise TritonServerError(f"model repository {self.model_repository} is not a directory")
             install = triton_install()
-            _check_stub_libraries(install)
+            check_stub_libraries(install)
             if self.log_file is None or self._temp_log:
                 fd, name = tempfile.mkstemp(prefix="birdgen-triton-", suffix=".log")
                 os.close(fd)
@@ -382,7 +220,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
-            code = _exit_status(proc.pid)
+            code = exit_status(proc.pid)
             if code is not None:  # left unreaped: stop() (below, in start) still sweeps its stubs
                 raise TritonServerError(self._failure(f"exited with code {code} before becoming ready"))
             if self.is_ready():
@@ -433,16 +271,16 @@ class TritonServer:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGINT)
-                if not _wait_exit_unreaped(proc.pid, timeout):
+                if not wait_exit_unreaped(proc.pid, timeout):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(proc.pid, signal.SIGKILL)
-                    _wait_exit_unreaped(proc.pid, 10.0)
+                    wait_exit_unreaped(proc.pid, 10.0)
                 # The exited-but-unreaped leader keeps its pid (= our group id) reserved, so this reaches
                 # only leftover stubs of this server, never a stranger that reused the pid.
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
             self.returncode = proc.wait()
-            _wait_group_gone(proc.pid, 5.0)  # SIGKILLed stubs vanish asynchronously; ports close with them
+            wait_group_gone(proc.pid, 5.0)  # SIGKILLed stubs vanish asynchronously; ports close with them
             self._process = None
             _running.discard(self)
             if self._log is not None:
@@ -474,56 +312,6 @@ class TritonServer:
             f"TritonServer({str(self.model_repository)!r}, grpc={self.grpc_url}, http={self.http_url}, "
             f"pid={self.pid})"
         )
-
-
-def _exit_status(pid: int) -> int | None:
-    """Exit code of our child ``pid`` if it has exited, else None, without reaping it (WNOWAIT).
-
-    Why: an exited-but-unreaped child keeps its pid, so the pid (= our process-group id) cannot be reused
-    by a stranger before stop() has swept the group.
-    """
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return -1  # already reaped elsewhere
-    if info is None:
-        return None
-    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-
-
-def _wait_exit_unreaped(pid: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` for our child ``pid`` to exit, leaving it unreaped; True if it has."""
-    deadline = time.monotonic() + timeout
-    while _exit_status(pid) is None:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of process group ``pgid`` that are still running (zombies excluded: they hold no resources).
-
-    Why not ``killpg(pgid, 0)``: a killed stub is reparented to pid 1 and stays a zombie until pid 1
-    reaps it, which some init processes do only every second or two.
-    """
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp ...
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                members.append(int(stat.parent.name))
-    return members
-
-
-def _wait_group_gone(pgid: int, timeout: float) -> bool:
-    """Wait until no live process of group ``pgid`` is left (ports and GPU memory are free then)."""
-    deadline = time.monotonic() + timeout
-    while live_group_members(pgid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def serve_forever(server: TritonServer, *, echo_log: bool = True) -> int:

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTokenizer
 
 import birdgen
 from birdgen.catalogue import Catalogue
@@ -39,6 +38,7 @@ from birdgen.ensemble.routing import FamilyRouter, UnetChoice
 from birdgen.ensemble.runners import ModelUnavailable
 from birdgen.media import encode_image
 from birdgen.model_folder import ModelDims
+from birdgen.prompt_tokenizer import PromptTokenizer
 from birdgen.prompts import Prompt, PromptLibrary
 from birdgen.schema import EINK, ImageRequest, RequestError
 
@@ -185,10 +185,7 @@ class ImagePipeline:
         info = json.loads((bundle_dir / PIPELINE_FILE).read_text())
         self.model_version: str = info["model_version"]
         self.dims = ModelDims.from_dict(info["dims"])
-        self.tokenizers = (
-            CLIPTokenizer.from_pretrained(bundle_dir / "tokenizer"),
-            CLIPTokenizer.from_pretrained(bundle_dir / "tokenizer_2"),
-        )
+        self.prompt_tokenizer = PromptTokenizer.from_folder(bundle_dir)
         # Built once and copied per request: from_config inspects signatures (~1.5 ms a request).
         self.scheduler = EulerAncestralDiscreteScheduler.from_config(
             EulerAncestralDiscreteScheduler.load_config(bundle_dir / "scheduler")
@@ -331,20 +328,10 @@ class ImagePipeline:
         return cached
 
     def _encode_prompt(self, text: str) -> Embeddings:
-        ids = []
-        truncated = False
-        for tokenizer in self.tokenizers:
-            tokens = tokenizer(
-                text,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(torch.int64)
-            truncated |= len(tokenizer(text).input_ids) > tokenizer.model_max_length
-            ids.append(tokens)
+        ids, ids_2 = self.prompt_tokenizer(text)
+        truncated = self.prompt_tokenizer.truncated(text)
         out_1, out_2 = self.runner.run_many(
-            [("text_encoder", {"input_ids": ids[0]}), ("text_encoder_2", {"input_ids": ids[1]})]
+            [("text_encoder", {"input_ids": ids}), ("text_encoder_2", {"input_ids": ids_2})]
         )
         embeds = torch.cat([out_1["hidden_states"], out_2["hidden_states"]], dim=-1)
         # A copy: a BLS output's tensor may be a view of the response's memory (shared memory, or

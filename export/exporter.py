@@ -5,6 +5,10 @@ inputs at two sizes (the max error goes into the manifest), write config.pbtxt. 
 the tokenizers, the scheduler config and a pipeline.json with everything it needs to run without the
 source folder. A stage whose inputs (source files, engine settings, birdgen's export code, library
 versions) are unchanged and whose files still match the manifest is skipped, so re-runs are fast.
+
+`export_repository` runs in phases: resolve_inputs (every check; nothing written yet) -> plan_stages
+(one StagePlan per engine stage, AnimateDiff's motion UNet being one more) -> base stages -> family
+versions of the stages a LoRA changes -> entry models -> manifest.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,20 +37,26 @@ from birdgen.contracts import (
     MANIFEST,
     MOTION_ADAPTER,
     PIPELINE_FILE,
+    TOKENIZER_DIRS,
     family_model,
 )
-from birdgen.engines import engine_kind
+from birdgen.engines import EngineKind, engine_kind
 from birdgen.free_noise import CONTEXT_LENGTH
 from birdgen.manifest import read_manifest, repository_files, sha256_file, tree_hashes
 from birdgen.model_folder import ModelDims, check_model_folder, load_motion_adapter
 from birdgen.schema import ANIMATION
-from birdgen.server import MODEL_BOOTSTRAP
 from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
+from birdgen.triton_install import MODEL_BOOTSTRAP
+
+if TYPE_CHECKING:
+    from birdgen.export.lora import LoraInfo
 
 MODEL_PY_DIR = Path(__file__).resolve().parent.parent / "model_repository"
 # Copied into the entry model so the repository is self-contained.
-BOOTSTRAP_MARKER = "# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)"
-ENTRY_PARTS = ("tokenizer", "tokenizer_2", "scheduler")
+BOOTSTRAP_MARKER = (
+    "# birdgen: bootstrap (export replaces this line with birdgen.triton_install.MODEL_BOOTSTRAP)"
+)
+ENTRY_PARTS = (*TOKENIZER_DIRS, "scheduler")
 # Versions kept on disk of what roll-outs change (family UNets, the entry): served one + previous one.
 KEEP_VERSIONS = 2
 # An engine may differ from torch by float reordering only; anything above this is an export bug.
@@ -186,79 +197,33 @@ def _derived_stage(
     return None
 
 
-def _export_family_version(
-    out: Path,
-    spec: StageSpec,
-    base_spec: StageSpec,
-    key: str,
-    previous: dict[str, Any],
-    lora: dict[str, Any],
-    build: Callable[[], Any],
-    changed: list[str],
-    kind: Any,
-    dims: ModelDims,
-    force: bool,
-    progress: Callable[[str], None],
-) -> dict[str, Any]:
-    """A family's fused UNet (or motion UNet) as a new model version; the previous record if unchanged.
+@dataclass(frozen=True)
+class StagePlan:
+    """One engine stage to export: everything in which stages differ, so the export loops treat the
+    SDXL stages and AnimateDiff's motion UNet alike."""
 
-    `changed` are the fused module's weights the LoRA changed: the engine is the base stage's with
-    those replaced where the kind can (EngineKind.derive), else built. Built in a staging folder
-    beside the repository and moved in whole; the oldest versions beyond KEEP_VERSIONS are pruned.
-    """
-    from birdgen.triton_config import stage_config, to_pbtxt
-
-    current = out / spec.name / str(previous.get("version", 0))
-    if not force and previous.get("key") == key and _intact(current, previous.get("artifacts", {})):
-        progress(f"{spec.name}: up to date (version {previous['version']}), skipped")
-        return previous
-    start = time.perf_counter()
-    version = max(_version_dirs(out / spec.name), default=0) + 1
-    progress(f"{spec.name}: fusing {lora['source']} (rank {lora['rank']}) and exporting version {version}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out.parent)) / str(version)
-    try:
-        base = (out / base_spec.name / "1", changed)
-        record = _build_stage(spec, build(), kind, dims, staging, base)
-        _write(staging / LORA_FILE, json.dumps(lora, indent=2, sort_keys=True) + "\n")
-        _write(
-            out / spec.name / "config.pbtxt",
-            to_pbtxt(stage_config(spec, dims, kind.triton_hosting(base_spec))),
-        )
-        staging.rename(out / spec.name / str(version))
-    finally:
-        shutil.rmtree(staging.parent, ignore_errors=True)
-    for stale in _version_dirs(out / spec.name)[:-KEEP_VERSIONS]:
-        shutil.rmtree(out / spec.name / str(stale))
-    how = f" ({record['weights_into']} with the LoRA's weights)" if "weights_into" in record else ""
-    progress(
-        f"{spec.name}: version {version} done in {time.perf_counter() - start:.1f}s{how}, "
-        f"max |engine - torch| = {record['max_abs_error']:.3g}"
-    )
-    return {"model": spec.name, "version": version, "key": key, "lora": lora, **record}
+    spec: StageSpec
+    sources: tuple[Path, ...]  # what the engine is built from: their files key the export cache
+    module: Callable[[], Any]  # the stage's torch module; loaded only when the engine is built
+    # A family's LoRA-fused 2-D UNet -> this stage's module; None for stages a LoRA leaves alone.
+    family_module: Callable[[Any], Any] | None = None
+    # Where a family's version of this stage sits in the family's manifest record (None: the record
+    # itself); the served layout, which the entry models and rollbacks read.
+    family_slot: str | None = None
 
 
-def _intact(version_dir: Path, artifacts: dict[str, str]) -> bool:
-    return bool(artifacts) and all(
-        (version_dir / name).is_file() and sha256_file(version_dir / name) == sha
-        for name, sha in artifacts.items()
-    )
+@dataclass(frozen=True)
+class ExportInputs:
+    """Everything an export reads and checks before it writes anything."""
 
-
-def _motion_max_frames(adapter: Path, max_frames: int | None) -> int:
-    """Frames a clip may have: the request limit unless the deployment asks for fewer (GPU memory).
-
-    Context windows cover any length, provided the adapter's positional embedding spans one window.
-    """
-    span = int(load_motion_adapter(adapter).config.motion_max_seq_length)
-    if span < CONTEXT_LENGTH:
-        raise ValueError(
-            f"{adapter}: motion_max_seq_length {span} is shorter than the "
-            f"{CONTEXT_LENGTH}-frame context window"
-        )
-    shortest = ANIMATION.duration_seconds.min * ANIMATION.fps.min
-    if max_frames is not None and not shortest <= max_frames <= ANIMATION.max_frames:
-        raise ValueError(f"max_frames {max_frames}: allowed {shortest}..{ANIMATION.max_frames}")
-    return max_frames or ANIMATION.max_frames
+    model_dir: Path
+    dims: ModelDims
+    engine: str  # as asked for: the entry's pipeline.json names it
+    kind: EngineKind
+    loras: dict[str, LoraInfo]  # by canonical family name
+    previous: dict[str, Any]  # the repository's manifest; {} before the first export
+    adapter: Path | None  # the motion adapter: the motion UNet is exported when there is one
+    motion_max_frames: int  # 0 without a motion adapter
 
 
 def export_repository(
@@ -284,58 +249,137 @@ def export_repository(
     the request limit where GPU memory is short, and like the families it stays as an earlier export
     set it unless given again. `device` is where the stages will be hosted (see `engine_kind`).
     """
+    out = Path(out)
+    inputs = resolve_inputs(model_dir, out, engine, device, loras, motion_adapter, max_frames)
+    out.mkdir(parents=True, exist_ok=True)
+    plans = plan_stages(inputs)
+    stages = {name: _export_stage(out, plan, inputs, force, progress) for name, plan in plans.items()}
+    families = _export_families(out, plans, stages, inputs, force, progress)
+    keys = "".join(s["key"] for s in stages.values())
+    model_version = f"{inputs.model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
+    entries = _write_entry(out, inputs, model_version, entry_instances, families)
+    return _write_manifest(out, inputs, model_version, entries, stages, families)
 
+
+def resolve_inputs(
+    model_dir: Path,
+    out: Path,
+    engine: str,
+    device: str | None,
+    loras: Mapping[str, Path] | None,
+    motion_adapter: Path | None,
+    max_frames: int | None,
+) -> ExportInputs:
+    """The folder, engine kind, LoRAs and motion settings, all checked before anything is written."""
     from birdgen.catalogue import Catalogue
-    from birdgen.engines.modules import STAGE_PARTS, UNet, motion_unet, motion_unet_module, stage_module
-    from birdgen.export.lora import fused_unet, validate_loras
-    from birdgen.triton_config import stage_config, to_pbtxt
+    from birdgen.export.lora import validate_loras
 
-    model_dir, out = Path(model_dir).resolve(), Path(out)
+    model_dir = Path(model_dir).resolve()
     check_model_folder(model_dir)
     dims = ModelDims.from_folder(model_dir)
     kind = engine_kind(engine, device)
     families = _canonical_families(loras or {}, Catalogue.load())
     lora_infos = validate_loras(model_dir, families)
-    old = read_manifest(out)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = stage_specs(dims)
-    sources = {name: [model_dir / p for p in parts] for name, parts in STAGE_PARTS.items()}
+    previous = read_manifest(out)
     adapter = Path(motion_adapter).resolve() if motion_adapter else model_dir / MOTION_ADAPTER
-    motion_max_frames = 0
-    if motion_adapter or adapter.is_dir():
-        motion_max_frames = _motion_max_frames(adapter, max_frames or old.get("motion_max_frames"))
-        specs["motion_unet"] = motion_unet_spec(dims, motion_max_frames)
-        sources["motion_unet"] = [model_dir / "unet", adapter]
-    stages: dict[str, Any] = {}
-    for spec in specs.values():
-        start = time.perf_counter()
-        version_dir = out / spec.name / "1"
-        key = stage_key(spec, sources[spec.name], kind.name, kind.settings)
-        previous = old.get("stages", {}).get(spec.name, {})
-        if not force and previous.get("key") == key and _intact(version_dir, previous.get("artifacts", {})):
-            stages[spec.name] = previous
-            progress(f"{spec.name}: up to date, skipped")
-        else:
-            progress(f"{spec.name}: exporting ({kind.name})")
-            if version_dir.exists():
-                shutil.rmtree(version_dir)
-            if spec.name == "motion_unet":
-                module = motion_unet_module(model_dir, adapter)
-            else:
-                module = stage_module(model_dir, spec.name)
-            stages[spec.name] = {"key": key, **_build_stage(spec, module, kind, dims, version_dir)}
-            progress(
-                f"{spec.name}: done in {time.perf_counter() - start:.1f}s, "
-                f"max |engine - torch| = {stages[spec.name]['max_abs_error']:.3g}"
-            )
-        # Cheap and derived from code, not from the engine: always rewritten so they never go stale.
-        write_model_py("stage", version_dir)
-        _write(
-            out / spec.name / "config.pbtxt", to_pbtxt(stage_config(spec, dims, kind.triton_hosting(spec)))
-        )
+    if not (motion_adapter or adapter.is_dir()):  # no motion UNet, no animation entries
+        return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, None, 0)
+    frames = _motion_max_frames(adapter, max_frames or previous.get("motion_max_frames"))
+    return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, adapter, frames)
 
-    family_records = dict(old.get("families", {}))
-    for family, info in lora_infos.items():
+
+def _motion_max_frames(adapter: Path, max_frames: int | None) -> int:
+    """Frames a clip may have: the request limit unless the deployment asks for fewer (GPU memory).
+
+    Context windows cover any length, provided the adapter's positional embedding spans one window.
+    """
+    span = int(load_motion_adapter(adapter).config.motion_max_seq_length)
+    if span < CONTEXT_LENGTH:
+        raise ValueError(
+            f"{adapter}: motion_max_seq_length {span} is shorter than the "
+            f"{CONTEXT_LENGTH}-frame context window"
+        )
+    shortest = ANIMATION.duration_seconds.min * ANIMATION.fps.min
+    if max_frames is not None and not shortest <= max_frames <= ANIMATION.max_frames:
+        raise ValueError(f"max_frames {max_frames}: allowed {shortest}..{ANIMATION.max_frames}")
+    return max_frames or ANIMATION.max_frames
+
+
+def plan_stages(inputs: ExportInputs) -> dict[str, StagePlan]:
+    """The stages to export, in export order: SDXL's four, then the motion UNet with an adapter."""
+    from birdgen.engines.modules import STAGE_PARTS, UNet, motion_unet, motion_unet_module, stage_module
+
+    model_dir = inputs.model_dir
+    plans = {
+        name: StagePlan(
+            spec,
+            sources=tuple(model_dir / part for part in STAGE_PARTS[name]),
+            module=functools.partial(stage_module, model_dir, name),
+            # A family LoRA changes the UNet only; its fused UNet is wrapped like the folder's.
+            family_module=UNet if name == "unet" else None,
+        )
+        for name, spec in stage_specs(inputs.dims).items()
+    }
+    adapter = inputs.adapter
+    if adapter is not None:
+
+        def motion_family_module(unet: Any) -> Any:
+            return UNet(motion_unet(unet, load_motion_adapter(adapter)), clip=True)
+
+        plans["motion_unet"] = StagePlan(
+            motion_unet_spec(inputs.dims, inputs.motion_max_frames),
+            sources=(model_dir / "unet", adapter),
+            module=functools.partial(motion_unet_module, model_dir, adapter),
+            family_module=motion_family_module,
+            family_slot="motion",
+        )
+    return plans
+
+
+def _export_stage(
+    out: Path, plan: StagePlan, inputs: ExportInputs, force: bool, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """A base stage (version 1) built, or kept when its key and files are unchanged; its record."""
+    from birdgen.triton_config import stage_config, to_pbtxt
+
+    spec, kind = plan.spec, inputs.kind
+    start = time.perf_counter()
+    version_dir = out / spec.name / "1"
+    key = stage_key(spec, plan.sources, kind.name, kind.settings)
+    previous = inputs.previous.get("stages", {}).get(spec.name, {})
+    if not force and previous.get("key") == key and _intact(version_dir, previous.get("artifacts", {})):
+        record = previous
+        progress(f"{spec.name}: up to date, skipped")
+    else:
+        progress(f"{spec.name}: exporting ({kind.name})")
+        if version_dir.exists():
+            shutil.rmtree(version_dir)
+        record = {"key": key, **_build_stage(spec, plan.module(), kind, inputs.dims, version_dir)}
+        progress(
+            f"{spec.name}: done in {time.perf_counter() - start:.1f}s, "
+            f"max |engine - torch| = {record['max_abs_error']:.3g}"
+        )
+    # Cheap and derived from code, not from the engine: always rewritten so they never go stale.
+    write_model_py("stage", version_dir)
+    _write(
+        out / spec.name / "config.pbtxt", to_pbtxt(stage_config(spec, inputs.dims, kind.triton_hosting(spec)))
+    )
+    return record
+
+
+def _export_families(
+    out: Path,
+    plans: Mapping[str, StagePlan],
+    stages: Mapping[str, dict[str, Any]],
+    inputs: ExportInputs,
+    force: bool,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every family's manifest record: the given LoRAs' fused stages exported, the others' kept."""
+    from birdgen.export.lora import fused_unet
+
+    records = dict(inputs.previous.get("families", {}))
+    for family, info in inputs.loras.items():
         lora = {
             "family": family,
             "source": str(info.path),
@@ -343,47 +387,109 @@ def export_repository(
             "rank": info.rank,
             "layers": info.layers,
         }
-        record = dict(family_records.get(family, {}))
-        fused = functools.partial(fused_unet, model_dir, info.path, family)
+        fuse = functools.partial(fused_unet, inputs.model_dir, info.path, family)
         # The stage wrappers hold the (motion) UNet as `model`; the LoRA changes the same 2D weights.
         changed = [f"model.{name}" for name in info.weights]
-        builders = {
-            "unet": lambda fused=fused: UNet(fused()),
-            "motion_unet": lambda fused=fused: UNet(
-                motion_unet(fused(), load_motion_adapter(adapter)), clip=True
-            ),
-        }
-        for base, build in builders.items():
-            if base not in specs:
+        record = dict(records.get(family, {}))
+        for name, plan in plans.items():
+            if plan.family_module is None:
                 continue
-            spec = dataclasses.replace(specs[base], name=family_model(family, base))
-            key = hashlib.sha256((stages[base]["key"] + info.sha256).encode()).hexdigest()
-            previous = record if base == "unet" else record.get("motion", {})
+            key = hashlib.sha256((stages[name]["key"] + info.sha256).encode()).hexdigest()
+            slot = plan.family_slot
+            previous = record if slot is None else record.get(slot, {})
             built = _export_family_version(
-                out, spec, specs[base], key, previous, lora, build, changed, kind, dims, force, progress
+                out, family, plan, key, previous, lora, fuse, changed, inputs, force, progress
             )
-            if base == "unet":
+            if slot is None:
                 record.update(built)
             else:
-                record["motion"] = built
-        family_records[family] = record
+                record[slot] = built
+        records[family] = record
+    return records
 
-    keys = "".join(s["key"] for s in stages.values())
-    model_version = f"{model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
-    entries = _write_entry(
-        out, model_dir, dims, model_version, engine, entry_instances, family_records, motion_max_frames
+
+def _export_family_version(
+    out: Path,
+    family: str,
+    plan: StagePlan,
+    key: str,
+    previous: dict[str, Any],
+    lora: dict[str, Any],
+    fuse: Callable[[], Any],
+    changed: list[str],
+    inputs: ExportInputs,
+    force: bool,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """A family's version of `plan`'s stage (fused UNet or motion UNet) as a new model version; the
+    previous record if unchanged.
+
+    `fuse` gives the folder's UNet with the family's LoRA fused in; `changed` are the stage module's
+    weights the LoRA changed: the engine is the base stage's with those replaced where the kind can
+    (EngineKind.derive), else built. Built in a staging folder beside the repository and moved in
+    whole; the oldest versions beyond KEEP_VERSIONS are pruned.
+    """
+    from birdgen.triton_config import stage_config, to_pbtxt
+
+    assert plan.family_module is not None
+    spec = dataclasses.replace(plan.spec, name=family_model(family, plan.spec.name))
+    current = out / spec.name / str(previous.get("version", 0))
+    if not force and previous.get("key") == key and _intact(current, previous.get("artifacts", {})):
+        progress(f"{spec.name}: up to date (version {previous['version']}), skipped")
+        return previous
+    start = time.perf_counter()
+    version = max(_version_dirs(out / spec.name), default=0) + 1
+    progress(f"{spec.name}: fusing {lora['source']} (rank {lora['rank']}) and exporting version {version}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out.parent)) / str(version)
+    kind = inputs.kind
+    try:
+        base = (out / plan.spec.name / "1", changed)
+        record = _build_stage(spec, plan.family_module(fuse()), kind, inputs.dims, staging, base)
+        _write(staging / LORA_FILE, json.dumps(lora, indent=2, sort_keys=True) + "\n")
+        _write(
+            out / spec.name / "config.pbtxt",
+            to_pbtxt(stage_config(spec, inputs.dims, kind.triton_hosting(plan.spec))),
+        )
+        staging.rename(out / spec.name / str(version))
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    for stale in _version_dirs(out / spec.name)[:-KEEP_VERSIONS]:
+        shutil.rmtree(out / spec.name / str(stale))
+    how = f" ({record['weights_into']} with the LoRA's weights)" if "weights_into" in record else ""
+    progress(
+        f"{spec.name}: version {version} done in {time.perf_counter() - start:.1f}s{how}, "
+        f"max |engine - torch| = {record['max_abs_error']:.3g}"
     )
+    return {"model": spec.name, "version": version, "key": key, "lora": lora, **record}
+
+
+def _intact(version_dir: Path, artifacts: dict[str, str]) -> bool:
+    return bool(artifacts) and all(
+        (version_dir / name).is_file() and sha256_file(version_dir / name) == sha
+        for name, sha in artifacts.items()
+    )
+
+
+def _write_manifest(
+    out: Path,
+    inputs: ExportInputs,
+    model_version: str,
+    entries: list[str],
+    stages: dict[str, Any],
+    families: dict[str, Any],
+) -> dict[str, Any]:
+    """manifest.json, written last: it lists (with checksums) every file the phases before wrote."""
     manifest = {
         "birdgen_version": birdgen.__version__,
         "model_version": model_version,
-        "source": str(model_dir),
-        "engine": kind.name,
-        "dims": dims.to_dict(),
-        "motion_max_frames": motion_max_frames,
+        "source": str(inputs.model_dir),
+        "engine": inputs.kind.name,
+        "dims": inputs.dims.to_dict(),
+        "motion_max_frames": inputs.motion_max_frames,
         "entries": entries,
         "versions": _versions(),
         "stages": stages,
-        "families": family_records,
+        "families": families,
         "files": repository_files(out),
     }
     _write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -401,14 +507,7 @@ def _version_dirs(model: Path) -> list[int]:
 
 
 def _write_entry(
-    out: Path,
-    model_dir: Path,
-    dims: ModelDims,
-    model_version: str,
-    engine: str,
-    instances: int,
-    families: dict[str, Any],
-    motion_max_frames: int,
+    out: Path, inputs: ExportInputs, model_version: str, instances: int, families: dict[str, Any]
 ) -> list[str]:
     """The entry models' folders; returns their names.
 
@@ -427,13 +526,13 @@ def _write_entry(
     }
     info = {
         "model_version": model_version,
-        "engine": engine,
-        "dims": dims.to_dict(),
-        "motion_max_frames": motion_max_frames,
+        "engine": inputs.engine,
+        "dims": inputs.dims.to_dict(),
+        "motion_max_frames": inputs.motion_max_frames,
         "families": served,
     }
     entries = {IMAGE_MODEL: IMAGE_OUTPUTS}
-    if motion_max_frames:
+    if inputs.motion_max_frames:
         entries |= {ANIMATION_MODEL: ANIMATION_OUTPUTS, ANIMATION_STREAM_MODEL: STREAM_OUTPUTS}
     for name, outputs in entries.items():
         versions = _version_dirs(out / name)
@@ -445,7 +544,7 @@ def _write_entry(
         for part in ENTRY_PARTS:
             if (version_dir / part).exists():
                 shutil.rmtree(version_dir / part)
-            shutil.copytree(model_dir / part, version_dir / part)
+            shutil.copytree(inputs.model_dir / part, version_dir / part)
         write_model_py(name, version_dir)
         _write(version_dir / PIPELINE_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
         config = entry_config(name, instances, outputs, decoupled=name == ANIMATION_STREAM_MODEL)

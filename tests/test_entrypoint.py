@@ -202,7 +202,8 @@ def test_export_only_verifies_and_exits(repo: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.skipif(importlib.util.find_spec("pytriton") is None, reason="no pip tritonserver")
 def test_execs_tritonserver_which_serves_the_repository(repo: Path) -> None:
     """The real exec: the entrypoint's process becomes tritonserver (same pid), ready on its ports."""
-    from birdgen.server import live_group_members, server_environment, triton_install
+    from birdgen.process_group import live_group_members
+    from birdgen.triton_install import server_environment, triton_install
 
     install = triton_install()
     ports = {name: free_port() for name in ("grpc", "http", "metrics")}

@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 import birdgen
-from birdgen.server import (
-    MODEL_BOOTSTRAP,
-    TritonServer,
-    TritonServerError,
-    live_group_members,
-    server_environment,
-)
+from birdgen.process_group import live_group_members
+from birdgen.server import TritonServer
+from birdgen.triton_install import MODEL_BOOTSTRAP, TritonServerError, server_environment
 
 pytestmark = pytest.mark.triton
 

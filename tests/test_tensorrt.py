@@ -20,16 +20,9 @@ from birdgen.engines.onnx_weights import (
     refit_weight_map,
     structure_sha256,
 )
-from birdgen.engines.tensorrt import (
-    PLAN_FILE,
-    TensorRtSettings,
-    fp16_report,
-    ort_tensorrt_config,
-    plan_cache_key,
-    prepare_onnx,
-    profiles,
-    tensorrt_hosting,
-)
+from birdgen.engines.tensorrt import PLAN_FILE, TensorRtSettings, plan_cache_key
+from birdgen.engines.tensorrt_onnx import fp16_report, prepare_onnx
+from birdgen.engines.tensorrt_profiles import ort_tensorrt_config, profiles, tensorrt_hosting
 from birdgen.model_folder import ModelDims
 from birdgen.schema import ANIMATION, LIMITS, RequestError, parse_image_request
 from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from birdgen.engines.modules import TARGET_MODULES
+from birdgen.prompt_tokenizer import PromptTokenizer
 from birdgen.training.config import TrainConfig, bad_value
 from birdgen.training.dataset import BirdDataset, write_attribution
 
@@ -140,7 +141,6 @@ class _Models:
     def __init__(self, model_dir: Path, config: TrainConfig, device: torch.device) -> None:
         from diffusers import DDPMScheduler
         from peft import LoraConfig
-        from transformers import CLIPTokenizer
 
         from birdgen.engines.modules import TextEncoder
         from birdgen.model_folder import load_part
@@ -149,7 +149,7 @@ class _Models:
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         self.weight_dtype = torch.float32 if device.type == "cpu" else half
         self.device = device
-        self.tokenizers = [CLIPTokenizer.from_pretrained(model_dir / t) for t in ("tokenizer", "tokenizer_2")]
+        self.prompt_tokenizer = PromptTokenizer.from_folder(model_dir)
         self.encoders = [
             TextEncoder(load_part(model_dir, "text_encoder"), pooled=False),
             TextEncoder(load_part(model_dir, "text_encoder_2"), pooled=True),
@@ -193,19 +193,11 @@ class _Models:
 
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The serving path's encoding: penultimate hidden states of both encoders, pooled from the 2nd."""
-        ids = [
-            tokenizer(
-                captions,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            for tokenizer in self.tokenizers
-        ]
-        (hidden,) = self.encoders[0](ids[0])
-        hidden_2, pooled = self.encoders[1](ids[1])
+        """The serving path's encoding (its tokenizer, then penultimate hidden states of both encoders,
+        pooled from the 2nd), so the LoRA learns on the embeddings it will be served with."""
+        ids, ids_2 = (i.to(self.device) for i in self.prompt_tokenizer(captions))
+        (hidden,) = self.encoders[0](ids)
+        hidden_2, pooled = self.encoders[1](ids_2)
         return torch.cat([hidden, hidden_2], dim=-1), pooled
 
     @torch.no_grad()

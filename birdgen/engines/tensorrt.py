@@ -1,11 +1,11 @@
-"""TensorRT engines: fp16 plans built from the exported ONNX, hosted by Triton's `tensorrt_plan` platform.
+"""The tensorrt engine kind: fp16 plans built from the exported ONNX, hosted by Triton's `tensorrt_plan`
+platform, and refitted with a family's weights instead of rebuilt.
 
-Most of this module needs no TensorRT, and is tested everywhere: the ONNX preparation (polygraphy /
-onnx-graphsurgeon), the fp16-safety report, the optimization profiles derived from the stage spec, the
-plan cache key, the refit weight map (fused UNet state dict -> ONNX initializers) and the Triton
-configs, for the native plan and for ONNX Runtime's TensorRT execution provider. Only `build_plan` and
-`TensorRtKind.build`/`load` import tensorrt: TensorRT is not installable on a machine without NVIDIA's
-stack, so those run in NVIDIA's container (nvcr.io/nvidia/tritonserver, or nvcr.io/nvidia/tensorrt).
+Only `build_plan`, `refit_plan` and `TensorRtKind` import tensorrt (when called, not at import): TensorRT is
+not installable on a machine without NVIDIA's stack, so those run in NVIDIA's container
+(nvcr.io/nvidia/tritonserver, or nvcr.io/nvidia/tensorrt). What needs no TensorRT lives beside it and is
+tested everywhere: the profiles and Triton configs (`tensorrt_profiles`), the ONNX preparation, fp16
+report and refit map (`tensorrt_onnx`); here, the settings and the plan cache key.
 """
 
 from __future__ import annotations
@@ -17,27 +17,19 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from birdgen.engines.base import Engine, EngineKind
-from birdgen.engines.onnx_weights import (
-    onnx_weights,
-    refit_weight_map,
-    structure_sha256,
-)
-from birdgen.stages import CAPTURED_SIZES_PX, StageSpec, captured_sizes
-
-if TYPE_CHECKING:
-    import onnx
+from birdgen.engines.onnx_weights import onnx_weights, structure_sha256
+from birdgen.engines.tensorrt_onnx import prepare_onnx, write_refit_map
+from birdgen.engines.tensorrt_profiles import Profile, profiles, tensorrt_hosting
+from birdgen.stages import CAPTURED_SIZES_PX, StageSpec
 
 PLAN_FILE = "model.plan"  # Triton's default file name for the tensorrt_plan platform
 PREPARED_ONNX = "prepared.onnx"
 REFIT_MAP_FILE = "refit_map.json"  # refittable plans: state-dict name -> initializer, transpose
-# Largest finite float16, and the smallest positive (subnormal) one: below it a weight becomes 0.
-FP16_MAX = 65504.0
-FP16_TINY = 2.0**-24
 NOT_IMPORTABLE = "tensorrt is not importable here ({error}); build TensorRT engines in NVIDIA's container"
 
 
@@ -51,53 +43,6 @@ def import_tensorrt() -> Any:
     except ImportError as exc:
         raise TensorRtUnavailable(NOT_IMPORTABLE.format(error=exc)) from None
     return tensorrt
-
-
-Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One TensorRT optimization profile: (min, opt, max) full shapes, batch axis included, per input."""
-
-    name: str
-    shapes: dict[str, tuple[Shape, Shape, Shape]]
-
-    def covers(self, shapes: Mapping[str, Shape]) -> bool:
-        return all(
-            all(lo <= s <= hi for lo, s, hi in zip(low, shapes[n], high, strict=True))
-            for n, (low, _, high) in self.shapes.items()
-        )
-
-
-def profiles(spec: StageSpec, sizes_px: Sequence[int] = CAPTURED_SIZES_PX) -> list[Profile]:
-    """The dynamic profile (the spec's axis ranges; tuned at COMMON_SIZE_PX) first, then one profile
-    per hot square size (`sizes_px`, where the stage accepts it) with every named axis pinned.
-
-    The batch axis stays 1..max_batch_size in every profile, since Triton's dynamic batcher picks it;
-    TensorRT tunes at batch 1 (a request alone). Triton picks, per request, a profile of the instance
-    that covers its shapes; the dynamic one first keeps every shape servable by profile 0 alone.
-    """
-    batch = (1, 1, spec.max_batch_size)
-    missing = sorted(
-        {d for t in spec.inputs for d in t.dims if isinstance(d, str)} - spec.dynamic_axes.keys()
-    )
-    if missing:
-        raise ValueError(f"{spec.name}: inputs use axes {missing} that the spec gives no range")
-
-    def profile(name: str, axes: Mapping[str, tuple[int, int, int]]) -> Profile:
-        shapes = {
-            t.name: tuple((batch[i], *t.concrete({a: r[i] for a, r in axes.items()})) for i in range(3))
-            for t in spec.inputs
-        }
-        return Profile(name, shapes)  # type: ignore[arg-type]
-
-    found = [profile("dynamic", spec.dynamic_axes)]
-    if spec.dynamic_axes:
-        for sizes in captured_sizes(spec, sizes_px):
-            label = "x".join(str(sizes[a]) for a in ("latent_height", "latent_width"))
-            found.append(profile(f"static_{label}", {a: (v, v, v) for a, v in sizes.items()}))
-    return found
 
 
 @dataclass(frozen=True)
@@ -118,83 +63,6 @@ def plan_cache_key(onnx_sha256: str, settings: Mapping[str, Any], gpu_name: str,
     kept = {k: v for k, v in settings.items() if k not in ("timing_cache", "cache_dir")}
     payload = {"onnx": onnx_sha256, "settings": kept, "gpu": gpu_name, "tensorrt": trt_version}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
-
-
-def prepare_onnx(path: Path, out: Path) -> Path:
-    """The exported ONNX made ready for TensorRT's parser: constants folded (polygraphy, through
-    onnx-graphsurgeon and ONNX Runtime), dead nodes removed, nodes sorted, shapes inferred.
-
-    Initializer names survive (so the refit map holds for the prepared file too). Models past
-    protobuf's 2 GB limit keep their weights in an external data file beside `out`.
-    """
-    import onnx
-    import onnx_graphsurgeon as gs
-    from polygraphy.backend.onnx import fold_constants
-
-    model = onnx.load(str(path))
-    model = fold_constants(model, num_passes=2, error_ok=False)
-    graph = gs.import_onnx(model)
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph)
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > 1_800_000_000
-    onnx.save(model, str(out), save_as_external_data=large, location=f"{out.name}.data" if large else None)
-    return out
-
-
-@dataclass(frozen=True)
-class Fp16Issue:
-    """A constant that fp16 cannot hold: `overflow` values past ±65504 become inf, `underflow`
-    nonzero values below 2^-24 become 0 (`fraction` of the tensor's nonzero values)."""
-
-    name: str
-    kind: str
-    count: int
-    fraction: float
-    max_abs: float
-
-
-def fp16_report(model: onnx.ModelProto, underflow_fraction: float = 0.01) -> list[Fp16Issue]:
-    """Float constants (initializers and Constant nodes) that lose values in fp16. Any overflow is
-    reported; underflow only past `underflow_fraction` of a tensor's nonzero values (a few tiny weights
-    flushing to zero is normal and harmless)."""
-    from onnx import numpy_helper
-
-    tensors = list(model.graph.initializer) + [
-        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
-    ]
-    issues = []
-    for tensor in tensors:
-        values = numpy_helper.to_array(tensor)
-        if values.dtype not in (np.float32, np.float64) or values.size == 0:
-            continue
-        magnitude = np.abs(values.astype(np.float64))
-        nonzero = max(int(np.count_nonzero(magnitude)), 1)
-        over = int(np.count_nonzero(magnitude > FP16_MAX))
-        under = int(np.count_nonzero((magnitude > 0) & (magnitude < FP16_TINY)))
-        peak = float(magnitude.max())
-        if over:
-            issues.append(Fp16Issue(tensor.name, "overflow", over, over / values.size, peak))
-        if under / nonzero > underflow_fraction:
-            issues.append(Fp16Issue(tensor.name, "underflow", under, under / nonzero, peak))
-    return issues
-
-
-def write_refit_map(onnx_path: Path, module: Any, out: Path) -> Path:
-    """The refit map of the weights a family LoRA touches (training's target modules), as JSON."""
-    import onnx
-
-    from birdgen.engines.modules import TARGET_MODULES
-
-    names = [
-        f"{name}.weight"
-        for name, _ in module.named_modules()
-        if any(name.endswith(f".{target}") for target in TARGET_MODULES)
-    ]
-    mapping = refit_weight_map(onnx.load(str(onnx_path), load_external_data=False), names)
-    out.write_text(json.dumps({k: asdict(v) for k, v in mapping.items()}, indent=2, sort_keys=True) + "\n")
-    return out
 
 
 def refit_plan(plan: bytes, weights: Mapping[str, np.ndarray]) -> bytes:
@@ -221,53 +89,6 @@ def refit_plan(plan: bytes, weights: Mapping[str, np.ndarray]) -> bytes:
     if list(refitter.get_missing_weights()) or not refitter.refit_cuda_engine():
         raise RuntimeError("TensorRT refit failed (see the TensorRT log above)")
     return bytes(engine.serialize())
-
-
-def tensorrt_hosting(spec: StageSpec, hot_sizes_px: Sequence[int] = CAPTURED_SIZES_PX) -> dict[str, Any]:
-    """Triton hosting of a plan (for `stage_config`): the native platform on the GPU, every profile
-    available to the instance (Triton picks one that fits each request's shapes)."""
-    count = len(profiles(spec, hot_sizes_px))
-    return {"platform": "tensorrt_plan", "gpu": True, "profiles": [str(i) for i in range(count)]}
-
-
-def ort_shape_ranges(profile: Profile) -> dict[str, str]:
-    """ONNX Runtime's TensorRT EP explicit profile, trt_profile_{min,opt,max}_shapes: "name:1x4x64x64,..."."""
-    return {
-        f"trt_profile_{point}_shapes": ",".join(
-            f"{name}:{'x'.join(map(str, shapes[i]))}" for name, shapes in profile.shapes.items()
-        )
-        for i, point in enumerate(("min", "opt", "max"))
-    }
-
-
-def ort_tensorrt_optimization(spec: StageSpec, cache_path: str, workspace_bytes: int = 8 << 30) -> Any:
-    """ModelConfig.optimization for Triton's native `onnxruntime_onnx` platform running the same
-    model.onnx through ONNX Runtime's TensorRT execution provider (fp16, engine and timing caches)."""
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    optimization = mc.ModelOptimizationPolicy()
-    accelerator = optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-    parameters = {
-        "precision_mode": "FP16",
-        "max_workspace_size_bytes": str(workspace_bytes),
-        "trt_engine_cache_enable": "true",
-        "trt_engine_cache_path": cache_path,
-        "trt_timing_cache_enable": "true",
-        "trt_timing_cache_path": cache_path,
-    }
-    if spec.dynamic_axes or spec.max_batch_size > 1:
-        parameters |= ort_shape_ranges(profiles(spec)[0])
-    accelerator.parameters.update(parameters)
-    return optimization
-
-
-def ort_tensorrt_config(spec: StageSpec, dims: Any, cache_path: str, instances: int = 1) -> Any:
-    """A stage's config.pbtxt for `onnxruntime_onnx` with the TensorRT accelerator (KIND_GPU)."""
-    from birdgen.triton_config import stage_config
-
-    config = stage_config(spec, dims, {"platform": "onnxruntime_onnx", "gpu": True}, instances)
-    config.optimization.CopyFrom(ort_tensorrt_optimization(spec, cache_path))
-    return config
 
 
 def build_plan(

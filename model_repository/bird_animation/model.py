@@ -4,7 +4,7 @@ Thin adapter over birdgen.ensemble.animation.AnimationPipeline (motion UNet and 
 A format the request did not ask for comes back as an empty string.
 """
 
-# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
+# birdgen: bootstrap (export replaces this line with birdgen.triton_install.MODEL_BOOTSTRAP)
 
 import json
 

@@ -5,7 +5,7 @@ Each denoising step and each decoded chunk sends a response with a JSON `progres
 stream. Clients need gRPC streaming for it (BirdClient.generate_animation(on_progress=...)).
 """
 
-# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
+# birdgen: bootstrap (export replaces this line with birdgen.triton_install.MODEL_BOOTSTRAP)
 
 import json
 

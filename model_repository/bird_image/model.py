@@ -5,7 +5,7 @@ engine stages through BLS (so their dynamic batchers merge concurrent requests).
 the packed panel buffer of a format=eink request (`image` is then its PNG preview), else is empty.
 """
 
-# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
+# birdgen: bootstrap (export replaces this line with birdgen.triton_install.MODEL_BOOTSTRAP)
 
 import json
 

@@ -4,7 +4,7 @@ Thin adapter: the stage and engine kind come from config.pbtxt parameters; the l
 birdgen.ensemble.triton_model.
 """
 
-# birdgen: bootstrap (export replaces this line with birdgen.server.MODEL_BOOTSTRAP)
+# birdgen: bootstrap (export replaces this line with birdgen.triton_install.MODEL_BOOTSTRAP)
 
 import triton_python_backend_utils as pb_utils
 
