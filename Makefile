@@ -8,17 +8,23 @@ STAMP := $(VENV)/.birdgen-installed
 
 .PHONY: setup demo test lint clean
 
-# redis-server (Debian's) backs the Redis cache tests; installed when missing and apt-get can run.
+# redis-server (Debian's) backs the Redis cache tests, and promtool (Debian's prometheus package) checks
+# docker/prometheus and the dashboard's PromQL (tests/test_deploy.py); installed when missing and
+# apt-get can run.
 setup: $(STAMP)
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get install -y redis-server || { apt-get update && apt-get install -y redis-server; }; }; } || \
 		echo "redis-server is missing and could not be installed: the Redis cache tests will skip"
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y --no-install-recommends prometheus || \
+		{ apt-get update && apt-get install -y --no-install-recommends prometheus; }; }; } || \
+		echo "promtool is missing and could not be installed: the Prometheus config checks will skip"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "birdgen needs Python 3.11 (Triton python-backend stub)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[models,train,bench,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[models,train,bench,gateway,dev]"
 	touch $(STAMP)
 
 demo: setup

@@ -206,6 +206,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    """Serve the gateway with uvicorn until SIGINT/SIGTERM (uvicorn drains open requests first)."""
+    import os
+
+    import uvicorn
+
+    from birdgen.gateway.app import create_app
+    from birdgen.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings.from_env(
+        triton_url=args.url, redis_url=args.redis_url, rate_limit_per_minute=args.rate_limit
+    )
+    port = args.port or int(os.environ.get("BIRDGEN_GATEWAY_PORT", "8080"))
+    uvicorn.run(create_app(settings), host=args.host, port=port, log_level="info")
+    return 0
+
+
 def _pregenerate(args: argparse.Namespace) -> int:
     """Exit 0 when every item is done, 1 when some failed or catalogue rows were skipped."""
     from birdgen.client.pregenerate import parse_option, pregenerate_catalogue
@@ -318,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     entrypoint.add_arguments(p, ENGINE_KINDS)
     p.set_defaults(run=entrypoint.run)
+
+    p = commands.add_parser(
+        "gateway", help="the HTTP gateway: REST API, web page and batch jobs (settings: BIRDGEN_* env)"
+    )
+    p.add_argument("--url", help="Triton gRPC address (BIRDGEN_TRITON_URL; default localhost:8001)")
+    p.add_argument("--redis-url", help="Redis for rate limits, jobs and the cache (BIRDGEN_REDIS_URL)")
+    p.add_argument("--rate-limit", type=int, help="requests a minute per API key or client IP (default 60)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, help="(BIRDGEN_GATEWAY_PORT; default 8080)")
+    p.set_defaults(run=_gateway)
 
     p = commands.add_parser("models", help="list, load or unload models on a running server")
     p.add_argument("action", choices=("list", "load", "unload"))

@@ -6,6 +6,7 @@ Import the fixture into a test module: `from tests.redis_fixture import redis_se
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -31,17 +32,18 @@ class RedisServer:
         self.process.wait(timeout=5)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+@contextlib.contextmanager
+def running_redis(directory: Path) -> Iterator[RedisServer]:
+    """redis-server on a free localhost port, its files in `directory`; stopped on exit."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip(
             "redis-server is not installed (`make setup` installs it: apt-get install -y redis-server)"
         )
     port = free_port()
-    log = tmp_path / "redis.log"
+    log = directory / "redis.log"
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    command += ["--dir", str(tmp_path), "--logfile", str(log)]
+    command += ["--dir", str(directory), "--logfile", str(log)]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -56,6 +58,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path) as server:
+        yield server
 
 
 def _wait_for_ping(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:

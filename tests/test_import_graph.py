@@ -19,6 +19,7 @@ AREAS = {  # import prefix -> folder (pyproject's package-dir)
     "birdgen.client": "client",
     "birdgen.training": "training",
     "birdgen.benchmarks": "benchmarks",
+    "birdgen.gateway": "gateway",
 }
 CORE = {
     "birdgen",
@@ -122,6 +123,16 @@ def test_the_client_is_torch_free_core_only() -> None:
     graph = imports(modules())
     client = {m for m in graph if m.startswith("birdgen.client")}
     reached = {t for m in client for t in graph[m] if not t.startswith("birdgen.client")}
+    assert reached <= CORE, sorted(reached - CORE)
+
+
+def test_the_gateway_reaches_only_the_core_and_the_client() -> None:
+    """The gateway image installs no torch: it may import the torch-free core and the client only."""
+    graph = imports(modules())
+    gateway = {m for m in graph if m.startswith("birdgen.gateway")}
+    reached = {
+        t for m in gateway for t in graph[m] if not t.startswith(("birdgen.gateway", "birdgen.client"))
+    }
     assert reached <= CORE, sorted(reached - CORE)
 
 
