@@ -51,6 +51,8 @@ from birdgen.schema import ANIMATION, EINK, LIMITS, AnimationRequest, ImageReque
 STATIC = Path(__file__).resolve().parent / "static"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 NDJSON = "application/x-ndjson"
+# The e-ink endpoint's query parameters, by the request field each one sets.
+EINK_QUERY = {"eink_panel": "panel", "eink_palette": "palette", "eink_dither": "dither", "eink_fit": "fit"}
 RETRY_AFTER_UNAVAILABLE_S = 5
 
 
@@ -65,11 +67,13 @@ def error_status(exc: BirdgenError) -> int:
     return 502  # GenerationError: Triton took the request and failed it
 
 
-def invalid(exc: RequestError, *prefix: str | int) -> JSONResponse:
+def invalid(
+    exc: RequestError, *prefix: str | int, where: str = "body", field: str | None = None
+) -> JSONResponse:
     """422 in FastAPI's own shape, naming the field, what it got and what is allowed."""
     value = None if exc.value is None or not isinstance(exc.value, str | int | float | bool) else exc.value
     detail = {
-        "loc": ["body", *prefix, exc.field],
+        "loc": [where, *prefix, field or exc.field],
         "msg": str(exc),
         "type": "value_error",
         "input": value,
@@ -384,16 +388,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             "eink_dither": dither,
             "eink_fit": fit,
         }
-        parsed = image_request(
-            {
-                "species": species.common_name,
-                "scientific_name": species.scientific_name,
-                "species_id": species.species_id,
-                "format": EINK,
-                "eink_panel": panel,
-            }
-            | {k: v for k, v in options.items() if v is not None}
-        )
+        request_fields = {
+            "species": species.common_name,
+            "scientific_name": species.scientific_name,
+            "species_id": species.species_id,
+            "format": EINK,
+            "eink_panel": panel,
+        } | {k: v for k, v in options.items() if v is not None}
+        try:
+            parsed = image_request(request_fields)
+        except RequestError as exc:
+            return invalid(exc, where="query", field=EINK_QUERY.get(exc.field, exc.field))
         picture = await state["client"].generate_image(parsed)
         layout = picture.layout
         if _wants(request, "application/json"):

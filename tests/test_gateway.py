@@ -148,7 +148,7 @@ def test_eink_for_a_catalogue_species(http: httpx.Client) -> None:
     assert Image.open(BytesIO(preview.content)).size == (296, 128)
     assert http.get("/api/v1/eink/nosuch1", params={"panel": "296x128"}).status_code == 404
     bad = http.get("/api/v1/eink/amerob", params={"panel": "1x1"})
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "eink_panel"]
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "panel"]
 
 
 def test_sixty_a_minute_then_429_with_retry_after(gateway: Gateway) -> None:
