@@ -11,6 +11,8 @@ STAMP := $(VENV)/.birdgen-installed
 # redis-server (Debian's) backs the Redis cache tests, and promtool (Debian's prometheus package) checks
 # docker/prometheus and the dashboard's PromQL (tests/test_deploy.py); installed when missing and
 # apt-get can run.
+# chromium and chromium-driver (Debian's) run the web page's browser test (tests/test_web_page.py),
+# likewise.
 setup: $(STAMP)
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get install -y redis-server || { apt-get update && apt-get install -y redis-server; }; }; } || \
@@ -19,6 +21,11 @@ setup: $(STAMP)
 		{ apt-get install -y --no-install-recommends prometheus || \
 		{ apt-get update && apt-get install -y --no-install-recommends prometheus; }; }; } || \
 		echo "promtool is missing and could not be installed: the Prometheus config checks will skip"
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y chromium chromium-driver || \
+		{ apt-get update && apt-get install -y chromium chromium-driver; }; }; } || \
+		echo "chromium or chromedriver is missing and could not be installed: the web page test will skip"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "birdgen needs Python 3.11 (Triton python-backend stub)")'

@@ -75,7 +75,7 @@
     fillSelect($("animation-size"), sizeItems(animation.width), String(animation.width.default));
     fillSelect(
       $("animation-format"),
-      animation.formats.map((f) => [f, f === "both" ? "WebP + GIF" : f === "webp" ? "WebP" : f.toUpperCase()]),
+      animation.formats.map((f) => [f, { both: "WebP + GIF", webp: "WebP" }[f] || f.toUpperCase()]),
       "webp",
     );
     numberInput($("duration"), animation.duration_seconds);
@@ -356,7 +356,9 @@
     fact(list, "Family", meta.family || entry.family);
     fact(list, "Seed", meta.seed);
     fact(list, "Model version", meta.model_version);
-    if (meta.width && meta.height) fact(list, "Size", `${meta.width} × ${meta.height}`);
+    if (meta.width && meta.height) {
+      fact(list, kind === "eink" ? "Drawn at" : "Size", `${meta.width} × ${meta.height}`);
+    }
     fact(list, "Steps", meta.steps);
     if (kind === "animation") {
       fact(list, "Frames", meta.frames);
@@ -384,7 +386,8 @@
   }
 
   function extension(contentType) {
-    return { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif" }[contentType] || "bin";
+    const known = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif" };
+    return known[contentType] || "bin";
   }
 
   // -- the three requests ------------------------------------------------------------------------
@@ -398,8 +401,9 @@
     if (!response.ok) return failed(response, "image");
     const payload = await response.json();
     const src = dataUrl(payload.content_type, payload.data);
-    const file = `${payload.metadata.species_id || "bird"}-${payload.metadata.seed}.${extension(payload.content_type)}`;
-    show("image", src, payload.metadata, [[extension(payload.content_type).toUpperCase(), src, file]]);
+    const suffix = extension(payload.content_type);
+    const file = `${payload.metadata.species_id || "bird"}-${payload.metadata.seed}.${suffix}`;
+    show("image", src, payload.metadata, [[suffix.toUpperCase(), src, file]]);
     return true;
   }
 
@@ -511,7 +515,8 @@
       if (error instanceof FieldProblem) {
         showProblems("Check the form:", [{ field: error.field, message: error.message }], kind);
       } else {
-        showProblems("The request did not complete.", [{ field: null, message: String(error.message || error) }], kind);
+        const message = String(error.message || error);
+        showProblems("The request did not complete.", [{ field: null, message }], kind);
       }
     } finally {
       $("status").textContent = ok ? "Done." : "Failed: see the message by the form.";
@@ -536,7 +541,9 @@
     $("generate-animation").addEventListener("click", () =>
       run("animation", generateAnimation, "Animating…"),
     );
-    $("generate-eink").addEventListener("click", () => run("eink", generateEink, "Rendering for the panel…"));
+    $("generate-eink").addEventListener("click", () =>
+      run("eink", generateEink, "Rendering for the panel…"),
+    );
     try {
       const response = await fetch(`${API}options`, { headers: { Accept: "application/json" } });
       if (!response.ok) throw new Error(`GET /api/v1/options answered HTTP ${response.status}`);
