@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -212,7 +213,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         key = request.headers.get("x-api-key")
         if key is not None and settings.api_keys and key not in settings.api_keys:
             raise HTTPException(401, "unknown X-API-Key")
-        identity = f"key:{key}" if key else f"ip:{request.client.host if request.client else 'unknown'}"
+        # A key is a secret: Redis sees only its hash.
+        client_ip = request.client.host if request.client else "unknown"
+        identity = f"key:{hashlib.sha256(key.encode()).hexdigest()[:32]}" if key else f"ip:{client_ip}"
         decision = await state["limiter"].check(identity)
         if not decision.allowed:
             route = getattr(request.scope.get("route"), "path", "unmatched")

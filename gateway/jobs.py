@@ -125,6 +125,8 @@ class BatchJobs:
                 await self._finish(job_id)
         except (redis.RedisError, OSError) as exc:
             log.warning("batch job %s paused, Redis failed (the scan resumes it): %s", job_id, exc)
+        except Exception:  # a bug must not end the scan's task; the job is retried by the next scan
+            log.exception("batch job %s stopped by an unexpected error (the scan retries it)", job_id)
         finally:
             with contextlib.suppress(redis.RedisError, OSError):
                 if await self.redis.get(lease) == token.encode():
