@@ -87,7 +87,15 @@ def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         metrics_port=args.metrics_port,
         model_control="explicit",
         load_models=core_models(args.model_repository),
+        admin_key=_admin_key(),
     )
+
+
+def _admin_key() -> str | None:
+    """BIRDGEN_ADMIN_KEY: a secret, so from the environment only (docs/security.md)."""
+    import os
+
+    return os.environ.get("BIRDGEN_ADMIN_KEY") or None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -102,7 +110,10 @@ def _models(args: argparse.Namespace) -> int:
 
     if args.action != "list" and not args.name:
         raise ValueError(f"models {args.action} needs a model name (see: birdgen models list)")
-    with BirdClient(args.url) as client:
+    from birdgen.contracts import ADMIN_KEY_GRPC
+
+    key = _admin_key()
+    with BirdClient(args.url, headers={ADMIN_KEY_GRPC: key} if key else None) as client:
         shown = {args.name}
         if args.action == "load" and family_of(args.name):
             shown.update(client.roll_out(args.name))  # the family's other UNet and the entries reload too

@@ -21,6 +21,11 @@ IMAGE_OUTPUTS = (IMAGE, EINK_BUFFER, METADATA)
 WEBP, GIF, POSTER = "webp", "gif", "poster"  # the clip, in each format asked for, and its still PNG
 ANIMATION_FILES = (WEBP, GIF, POSTER)
 ANIMATION_OUTPUTS = (*ANIMATION_FILES, METADATA)
+# gRPC metadata / HTTP header that unlocks Triton's admin protocols (model load/unload, repository
+# index, config, shared memory, trace, logging) when a server runs with an admin key (birdgen.server).
+ADMIN_KEY_HEADER = "birdgen-admin-key"  # the HTTP header
+ADMIN_KEY_GRPC = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # the gRPC metadata key Triton checks
+ADMIN_PROTOCOLS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
 PROGRESS = "progress"  # one JSON message per denoising step and decoded chunk (stream only)
 STREAM_OUTPUTS = (*ANIMATION_OUTPUTS, PROGRESS)
 

@@ -179,6 +179,7 @@ def tritonserver_command(
     metrics_port: int = 8002,
     cache_size_bytes: int = 256 * 2**20,
     backend_directory: Path | None = None,
+    admin_key: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """Step 3's command line: the same flags as ``birdgen serve`` (birdgen.server.serving_flags), with
@@ -193,6 +194,7 @@ def tritonserver_command(
             model_control="explicit",
             load_models=load_models,
             cache_size_bytes=cache_size_bytes,
+            admin_key=admin_key,
         ),
     ]
     if backend_directory is not None:
@@ -260,7 +262,12 @@ def add_arguments(parser: argparse.ArgumentParser, engine_kinds: Sequence[str]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    """The CLI's handler: 0 after --export-only / --dry-run, 3 when refused; otherwise it never returns."""
+    """The CLI's handler: 0 after --export-only / --dry-run, 3 when refused; otherwise it never returns.
+
+    BIRDGEN_ADMIN_KEY (a secret: environment only, never a flag) locks Triton's admin protocols
+    behind that key (birdgen.server.serving_flags); the printed command shows it as ***.
+    """
+    admin_key = os.environ.get("BIRDGEN_ADMIN_KEY") or None
     try:
         models = prepare(
             args.model_repository,
@@ -283,9 +290,11 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         cache_size_bytes=args.cache_size_bytes,
         backend_directory=args.backend_directory,
+        admin_key=admin_key,
         extra_args=shlex.split(args.triton_args),
     )
-    print(f"[entrypoint] exec {shlex.join(cmd)}", flush=True)
+    shown = shlex.join(cmd).replace(admin_key, "***") if admin_key else shlex.join(cmd)
+    print(f"[entrypoint] exec {shown}", flush=True)
     if args.dry_run:
         return 0
     sys.stderr.flush()

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
+from birdgen.contracts import ADMIN_KEY_HEADER, ADMIN_PROTOCOLS
 from birdgen.process_group import exit_status, wait_exit_unreaped, wait_group_gone
 from birdgen.triton_install import TritonServerError, check_stub_libraries, server_environment, triton_install
 
@@ -69,9 +70,15 @@ def serving_flags(
     model_control: str,
     load_models: Sequence[str],
     cache_size_bytes: int,
+    admin_key: str | None = None,
 ) -> list[str]:
     """The tritonserver flags every birdgen server runs with, here (TritonServer) and in the image
-    (birdgen.entrypoint): repository, ports, model control, fail-fast loading, the response cache."""
+    (birdgen.entrypoint): repository, ports, model control, fail-fast loading, the response cache.
+
+    With `admin_key`, Triton's admin protocols (contracts.ADMIN_PROTOCOLS: loading and unloading
+    models, the repository index, configs, shared memory, trace and log settings) answer only calls
+    carrying the header contracts.ADMIN_KEY_HEADER with that value, on gRPC and HTTP alike; inference,
+    metadata, health and statistics stay open. Triton takes the key only on its command line."""
     flags = [
         f"--model-repository={Path(repository).resolve()}",
         f"--grpc-port={grpc_port}",
@@ -85,6 +92,9 @@ def serving_flags(
     ]
     if cache_size_bytes > 0:
         flags.append(f"--cache-config=local,size={cache_size_bytes}")
+    if admin_key:
+        restricted = f"{','.join(ADMIN_PROTOCOLS)}:{ADMIN_KEY_HEADER}={admin_key}"
+        flags += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
     return flags
 
 
@@ -108,6 +118,7 @@ class TritonServer:
         log_verbose: int = 0,
         log_file: Path | None = None,
         cache_size_bytes: int = 256 * 2**20,
+        admin_key: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         if model_control not in ("none", "explicit", "poll"):
@@ -123,6 +134,7 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.log_file = Path(log_file) if log_file is not None else None
         self.cache_size_bytes = cache_size_bytes
+        self.admin_key = admin_key
         self.extra_args = tuple(extra_args)
         self.returncode: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -168,6 +180,7 @@ class TritonServer:
                 model_control=self.model_control,
                 load_models=self.load_models,
                 cache_size_bytes=self.cache_size_bytes,
+                admin_key=self.admin_key,
             ),
         ]
         if self._shm_prefix:

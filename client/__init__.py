@@ -6,6 +6,7 @@ from birdgen.client.cache import CacheEntry, ResponseCache, cache_key
 from birdgen.client.calls import GeneratedAnimation, GeneratedEink, GeneratedImage, RetryPolicy
 from birdgen.client.client import BirdClient
 from birdgen.client.errors import (
+    AdminKeyRequiredError,
     BirdgenError,
     DeadlineExceededError,
     GenerationError,
@@ -14,6 +15,7 @@ from birdgen.client.errors import (
 )
 
 __all__ = [
+    "AdminKeyRequiredError",
     "AsyncBirdClient",
     "BirdClient",
     "BirdgenError",

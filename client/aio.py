@@ -136,6 +136,15 @@ class AsyncBirdClient(ClientBase):
             responses.cancel()
         raise InferenceServerException(msg=f"{call.model} closed the stream without a result")
 
+    async def served_versions(self, name: str, *, deadline_s: float | None = None) -> list[str]:
+        """The versions of `name` that answer now; [] when it is not loaded. Health and metadata
+        protocols only, so it works for every client of a server whose admin protocols are locked."""
+        attempts = self._attempts(deadline_s)
+        if not await self._rpc(attempts, "is_model_ready", name):
+            return []
+        metadata = await self._rpc(attempts, "get_model_metadata", name, as_json=True)
+        return list(metadata.get("versions", []))
+
     # -- model control (the server runs with explicit model control) ----------------------------------
     async def list_models(self, *, deadline_s: float | None = None) -> list[dict[str, str]]:
         """Every model in the repository with its version, state and reason (as BirdClient's)."""

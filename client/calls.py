@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from birdgen.client.cache import CacheEntry, Derivation, ResponseCache
 from birdgen.client.errors import (
+    AdminKeyRequiredError,
     BirdgenError,
     DeadlineExceededError,
     GenerationError,
@@ -172,6 +173,8 @@ def map_error(exc: InferenceServerException, url: str, deadline_s: float) -> Bir
     message = exc.message() or str(exc)
     if status == "INVALID_ARGUMENT":
         return InvalidRequestError(message)
+    if "protocol is restricted" in message:  # Triton answers UNAVAILABLE, but no retry will help
+        return AdminKeyRequiredError(f"{url}: {message}")
     if status in RETRYABLE:
         return ServerUnavailableError(url, f"{message} ({status})")
     if status == "DEADLINE_EXCEEDED":
@@ -227,7 +230,8 @@ class Attempts:
         error = map_error(exc, self.url, self.deadline_s)
         if isinstance(error, DeadlineExceededError):
             raise self.expired() from None
-        if status_name(exc) not in RETRYABLE or self._failures >= self.policy.max_attempts:
+        final = isinstance(error, AdminKeyRequiredError) or status_name(exc) not in RETRYABLE
+        if final or self._failures >= self.policy.max_attempts:
             raise error from None
         self._last = error
         pause = self.policy.backoff(self._failures - 1)

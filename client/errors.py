@@ -29,5 +29,10 @@ class DeadlineExceededError(BirdgenError):
         self.last_error = last_error
 
 
+class AdminKeyRequiredError(BirdgenError):
+    """A model-control (admin) call to a server whose admin protocols are locked, without its key
+    (contracts.ADMIN_KEY_GRPC in `headers`, e.g. from BIRDGEN_ADMIN_KEY). Never retried."""
+
+
 class GenerationError(BirdgenError):
     """The server accepted the request but failed to produce the output."""

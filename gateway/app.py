@@ -38,7 +38,7 @@ from birdgen.client import (
     ResponseCache,
     ServerUnavailableError,
 )
-from birdgen.contracts import GIF, IMAGE_MODEL, POSTER, WEBP
+from birdgen.contracts import ANIMATION_MODEL, GIF, IMAGE_MODEL, POSTER, WEBP
 from birdgen.eink_panels import PRESETS as EINK_PANELS
 from birdgen.gateway.bodies import animation_request, body_schema, image_request
 from birdgen.gateway.jobs import BatchJobs, valid_job_id
@@ -55,6 +55,7 @@ NDJSON = "application/x-ndjson"
 # The e-ink endpoint's query parameters, by the request field each one sets.
 EINK_QUERY = {"eink_panel": "panel", "eink_palette": "palette", "eink_dither": "dither", "eink_fit": "fit"}
 RETRY_AFTER_UNAVAILABLE_S = 5
+ENTRY_MODELS = (IMAGE_MODEL, ANIMATION_MODEL)  # what /health reports
 
 
 def error_status(exc: BirdgenError) -> int:
@@ -244,9 +245,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         """200 when Triton's entry model and Redis answer, else 503 saying which does not."""
         triton: dict[str, Any] = {"url": settings.triton_url, "ready": False}
         try:
-            models = await state["client"].list_models(deadline_s=5)
-            triton["ready"] = any(m["name"] == IMAGE_MODEL and m["state"] == "READY" for m in models)
-            triton["models"] = {m["name"]: m["version"] for m in models if m["state"] == "READY"}
+            client: AsyncBirdClient = state["client"]
+            versions = {name: await client.served_versions(name, deadline_s=5) for name in ENTRY_MODELS}
+            triton["models"] = {name: max(v, key=int) for name, v in versions.items() if v}
+            triton["ready"] = IMAGE_MODEL in triton["models"]
         except BirdgenError as exc:
             triton["error"] = str(exc)
         try:

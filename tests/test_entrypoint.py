@@ -241,3 +241,15 @@ def test_execs_tritonserver_which_serves_the_repository(repo: Path) -> None:
         for pid in live_group_members(proc.pid):
             os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0
+
+
+def test_the_admin_key_locks_admin_protocols_and_is_never_printed(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BIRDGEN_MODEL_REPOSITORY", str(repo))
+    monkeypatch.setenv("BIRDGEN_ADMIN_KEY", "s3cret-admin-key")
+    assert main(["entrypoint", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret-admin-key" not in out
+    restricted = "model-repository,model-config,shared-memory,trace,logging:birdgen-admin-key=***"
+    assert f"--grpc-restricted-protocol={restricted}" in out and f"--http-restricted-api={restricted}" in out
