@@ -78,7 +78,7 @@ def _family_lora(value: str) -> tuple[str, Path]:
 def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Explicit model control: the core models load at start, family UNets on first use or on request."""
     from birdgen.manifest import core_models
-    from birdgen.server import TritonServer
+    from birdgen.server import TritonServer, admin_key_from_env
 
     return TritonServer(
         args.model_repository,
@@ -87,15 +87,8 @@ def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         metrics_port=args.metrics_port,
         model_control="explicit",
         load_models=core_models(args.model_repository),
-        admin_key=_admin_key(),
+        admin_key=admin_key_from_env(),
     )
-
-
-def _admin_key() -> str | None:
-    """BIRDGEN_ADMIN_KEY: a secret, so from the environment only (docs/security.md)."""
-    import os
-
-    return os.environ.get("BIRDGEN_ADMIN_KEY") or None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -106,13 +99,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from birdgen.client import BirdClient
-    from birdgen.contracts import family_of
+    from birdgen.contracts import ADMIN_KEY_GRPC, family_of
+    from birdgen.server import admin_key_from_env
 
     if args.action != "list" and not args.name:
         raise ValueError(f"models {args.action} needs a model name (see: birdgen models list)")
-    from birdgen.contracts import ADMIN_KEY_GRPC
-
-    key = _admin_key()
+    key = admin_key_from_env()
     with BirdClient(args.url, headers={ADMIN_KEY_GRPC: key} if key else None) as client:
         shown = {args.name}
         if args.action == "load" and family_of(args.name):

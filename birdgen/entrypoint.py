@@ -29,7 +29,7 @@ from typing import Any
 
 from birdgen.contracts import MANIFEST, TARGET_FILE
 from birdgen.manifest import core_models, read_manifest, verify_manifest
-from birdgen.server import serving_flags
+from birdgen.server import admin_key_from_env, serving_flags
 
 __all__ = [
     "TARGET_FILE",
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     BIRDGEN_ADMIN_KEY (a secret: environment only, never a flag) locks Triton's admin protocols
     behind that key (birdgen.server.serving_flags); the printed command shows it as ***.
     """
-    admin_key = os.environ.get("BIRDGEN_ADMIN_KEY") or None
+    admin_key = admin_key_from_env()
     try:
         models = prepare(
             args.model_repository,

@@ -61,6 +61,11 @@ def _stop_leftovers() -> None:
             server.stop(timeout=5.0)
 
 
+def admin_key_from_env() -> str | None:
+    """BIRDGEN_ADMIN_KEY: a secret, so read from the environment only, never a flag (docs/security.md)."""
+    return os.environ.get("BIRDGEN_ADMIN_KEY") or None
+
+
 def serving_flags(
     repository: Path,
     *,

@@ -79,3 +79,21 @@ def animation_pipeline(repository: Path):  # type: ignore[no-untyped-def]
     from birdgen.ensemble.runners import LocalRunner
 
     return AnimationPipeline(repository / "bird_image" / "1", LocalRunner(repository))
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server for one test module; the module's gateways share it, as replicas would."""
+    from tests.redis_fixture import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as redis_server:
+        yield redis_server.url
+
+
+@pytest.fixture(scope="module")
+def gateway(server: TritonServer, redis_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One `birdgen gateway` process for a test module, on the session's Triton and `redis_url`."""
+    from tests.gateway_process import running_gateway
+
+    with running_gateway(server.grpc_url, redis_url, tmp_path_factory.mktemp("gateway")) as running:
+        yield running

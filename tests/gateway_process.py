@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from birdgen.server import free_port
+from tests.processes import stop
 
 
 class Gateway:
@@ -47,13 +48,7 @@ def running_gateway(
         _wait_answering(gateway, 200 if healthy else None)
         yield gateway
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop(process, grace_s=15)
 
 
 def _wait_answering(gateway: Gateway, status: int | None, timeout: float = 60.0) -> None:

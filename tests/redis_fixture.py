@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 import redis
 
 from birdgen.server import free_port
+from tests.processes import stop
 
 
 @dataclass
@@ -50,14 +50,7 @@ def running_redis(directory: Path) -> Iterator[RedisServer]:
         _wait_for_ping(url, process, log)
         yield RedisServer(url, process)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGCONT)  # a paused server would not act on SIGTERM
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop(process)
 
 
 @pytest.fixture

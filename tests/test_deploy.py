@@ -40,6 +40,7 @@ from birdgen.engines import ENGINE_KINDS
 from birdgen.gateway.metrics import gateway_metrics
 from birdgen.gateway.settings import ENV_PREFIX, GatewaySettings
 from birdgen.server import TritonServer, free_port
+from tests.processes import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -444,12 +445,7 @@ def _running(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop(process)
 
 
 # -- Prometheus ----------------------------------------------------------------------------------------

@@ -21,25 +21,12 @@ from birdgen.media import read_animation
 from birdgen.server import free_port
 from tests.conftest import CLIP, ROBIN
 from tests.gateway_process import Gateway, running_gateway
-from tests.redis_fixture import running_redis
 
 pytestmark = pytest.mark.triton
 # The robin as the original REST API spells it: common_name and a named resolution (small = 256).
 BODY = {k: v for k, v in ROBIN.items() if k not in ("species", "width", "height", "format")}
 BODY |= {"common_name": ROBIN["species"], "resolution": "small"}
 CLIP_BODY = {**CLIP, "steps": 1}
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as redis_server:
-        yield redis_server.url
-
-
-@pytest.fixture(scope="module")
-def gateway(server, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with running_gateway(server.grpc_url, redis_url, tmp_path_factory.mktemp("gateway")) as running:
-        yield running
 
 
 @pytest.fixture

@@ -46,18 +46,6 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as redis_server:
-        yield redis_server.url
-
-
-@pytest.fixture(scope="module")
-def gateway(server, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with running_gateway(server.grpc_url, redis_url, tmp_path_factory.mktemp("gateway")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     profile = tmp_path_factory.mktemp("chromium")
     options = webdriver.ChromeOptions()
