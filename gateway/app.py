@@ -145,10 +145,36 @@ class _TooLarge(Exception):
     pass
 
 
+def _request_options(catalogue: Catalogue) -> dict[str, Any]:
+    """GET /api/v1/options: built once per app, as every part of it is fixed at load."""
+    vocabulary = PromptLibrary.load()
+    return {
+        "species": [
+            {
+                "species_id": s.species_id,
+                "common_name": s.common_name,
+                "scientific_name": s.scientific_name,
+                "family": s.family,
+            }
+            for s in sorted(catalogue.species, key=lambda s: s.common_name)
+        ],
+        "vocabulary": {field: list(vocabulary.allowed(field)) for field in FIELDS},
+        "image": {"formats": list(LIMITS.formats), "width": LIMITS.width.model_dump()},
+        "animation": {
+            "formats": list(ANIMATION.formats),
+            "width": ANIMATION.width.model_dump(),
+            "fps": ANIMATION.fps.model_dump(),
+            "duration_seconds": ANIMATION.duration_seconds.model_dump(),
+        },
+        "eink_panels": list(EINK_PANELS.panels),
+    }
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings.from_env()
     metrics = gateway_metrics()
     catalogue = Catalogue.load()
+    request_options = _request_options(catalogue)
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -266,27 +292,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.get("/api/v1/options")
     async def options() -> dict[str, Any]:
         """What a request may ask for: species, vocabulary, sizes, formats and e-ink panels (the web page)."""
-        vocabulary = PromptLibrary.load()
-        return {
-            "species": [
-                {
-                    "species_id": s.species_id,
-                    "common_name": s.common_name,
-                    "scientific_name": s.scientific_name,
-                    "family": s.family,
-                }
-                for s in sorted(catalogue.species, key=lambda s: s.common_name)
-            ],
-            "vocabulary": {field: list(vocabulary.allowed(field)) for field in FIELDS},
-            "image": {"formats": list(LIMITS.formats), "width": LIMITS.width.model_dump()},
-            "animation": {
-                "formats": list(ANIMATION.formats),
-                "width": ANIMATION.width.model_dump(),
-                "fps": ANIMATION.fps.model_dump(),
-                "duration_seconds": ANIMATION.duration_seconds.model_dump(),
-            },
-            "eink_panels": list(EINK_PANELS.panels),
-        }
+        return request_options
 
     # -- generation -----------------------------------------------------------------------------------
     @app.exception_handler(RequestError)
