@@ -154,12 +154,36 @@ class AnimationLimits(_OutputLimits):
         return self
 
 
+class InputImageLimits(_Strict):
+    """A client-supplied picture (control or conditioning image): bytes, formats, decoded pixels."""
+
+    max_bytes: int = Field(ge=1)
+    max_pixels: int = Field(ge=1)
+    formats: list[str] = Field(min_length=1)
+
+
+class BatchLimits(_Strict):
+    max_items: int = Field(ge=1)
+
+
+class ServingLimits(_Strict):
+    """The server side's bounds: request message size and each entry model's queue."""
+
+    max_request_bytes: int = Field(ge=1024)
+    max_queue_size: int = Field(ge=1)
+    queue_timeout_s: float = Field(gt=0)
+
+
 class Limits(_OutputLimits):
-    """The validated limits.yaml: an image's limits at the top level, an animation's in `animation`."""
+    """The validated limits.yaml: an image's limits at the top level, an animation's in `animation`,
+    client-supplied pictures, batches and the server's queues in their own sections."""
 
     seed: IntRange
     max_length: MaxLength
     animation: AnimationLimits
+    input_image: InputImageLimits
+    batch: BatchLimits
+    serving: ServingLimits
 
     @classmethod
     def load(cls, path: Path | None = None) -> Limits:
