@@ -133,10 +133,14 @@ class DiffusersBaseline:
         self.scenario, self.device = scenario, device
         dtype = torch.float16 if device == "cuda" else torch.float32
         if scenario.kind == "animation":
-            adapter = MotionAdapter.from_pretrained(Path(model_dir) / MOTION_ADAPTER, dtype=dtype)
-            pipe = AnimateDiffSDXLPipeline.from_pretrained(model_dir, motion_adapter=adapter, dtype=dtype)
+            adapter = MotionAdapter.from_pretrained(
+                Path(model_dir) / MOTION_ADAPTER, dtype=dtype, use_safetensors=True
+            )
+            pipe = AnimateDiffSDXLPipeline.from_pretrained(
+                model_dir, motion_adapter=adapter, dtype=dtype, use_safetensors=True
+            )
         else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype)
+            pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         if mode == "compile":

@@ -1,4 +1,4 @@
-"""The `birdgen` command: tiny-model, export, serve, entrypoint, generate, demo, pregenerate.
+"""The `birdgen` command: tiny-model, export, keygen, serve, entrypoint, generate, demo, pregenerate.
 
 Errors a user can fix (bad request, missing model part, server down) print one line and exit 2;
 no traceback. Heavy imports happen inside the subcommand that needs them, so `birdgen generate`
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
-from birdgen.contracts import ANIMATION_MODEL
+from birdgen.contracts import ANIMATION_MODEL, MANIFEST, MANIFEST_SIGNATURE
 from birdgen.schema import AnimationRequest, ImageRequest
 
 DEFAULT_REPO = Path("outputs/model_repository")
@@ -49,6 +49,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from birdgen.export.exporter import export_repository
+    from birdgen.signing import signing_key_from_env
 
     manifest = export_repository(
         args.model_dir,
@@ -60,10 +61,22 @@ def _export(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         entry_instances=args.entry_instances,
         force=args.force,
+        signing_key=args.signing_key or signing_key_from_env(),
     )
     print(
         f"model repository {args.out} ready: model_version {manifest['model_version']}, "
         f"engine {manifest['engine']}, {len(manifest['files'])} files in manifest.json"
+    )
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from birdgen.signing import PUBLIC_KEY_ENV, SIGNING_KEY_ENV, generate_keys
+
+    private, public = generate_keys(args.out)
+    print(
+        f"wrote {private} (private, mode 0600: keep it where exports are made; {SIGNING_KEY_ENV} or "
+        f"birdgen export --signing-key) and {public} (public: give it to the servers as {PUBLIC_KEY_ENV})"
     )
     return 0
 
@@ -246,6 +259,22 @@ def _pregenerate(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _check_stubs(args: argparse.Namespace) -> int:
+    """Exit 1 naming the python-backend stubs that died under a tritonserver: Triton does not restart
+    them and its health endpoints stay 200, so this is the server container's liveness check."""
+    from birdgen.process_group import dead_stubs
+
+    dead = dead_stubs(args.pid)
+    if dead:
+        print(
+            f"python-backend stub(s) {', '.join(map(str, dead))} died under tritonserver; their model "
+            "instances fail every request until the server restarts",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _train_lora(args: argparse.Namespace) -> int:
     """Flags map 1:1 onto TrainConfig fields; flags not given keep TrainConfig's defaults."""
     from dataclasses import fields
@@ -321,7 +350,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest clip this deployment serves, in frames (default: what the last export into "
         "this repository used, else the request limit, 120); lower it where GPU memory is short",
     )
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="FILE",
+        help=f"sign {MANIFEST} with this Ed25519 private key PEM (birdgen keygen) into "
+        f"{MANIFEST_SIGNATURE} [BIRDGEN_SIGNING_KEY]",
+    )
     p.set_defaults(run=_export)
+
+    p = commands.add_parser("keygen", help="make an Ed25519 key pair to sign exports with (docs/security.md)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the two PEM files")
+    p.set_defaults(run=_keygen)
 
     p = commands.add_parser("serve", help="run tritonserver on a model repository until SIGINT/SIGTERM")
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPO)
@@ -401,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default="redis://localhost:6379/0")
     p.add_argument("--no-files", action="store_true", help="with --to-cache: the cache only, no files")
     p.set_defaults(run=_pregenerate)
+    p = commands.add_parser(
+        "check-stubs", help="exit 1 if a python-backend stub died under tritonserver (docs/reliability.md)"
+    )
+    p.add_argument("--pid", type=int, help="the tritonserver's process id (default: every tritonserver)")
+    p.set_defaults(run=_check_stubs)
     p = commands.add_parser(
         "train-lora", help="train one family's LoRA on licensed photos (docs/training.md)"
     )

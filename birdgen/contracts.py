@@ -38,6 +38,10 @@ MANIFEST = "manifest.json"  # repository root: every file's SHA-256, the engine,
 PIPELINE_FILE = "pipeline.json"  # an entry's version folder: what its pipeline needs
 LORA_FILE = "lora.json"  # a family UNet's version folder: the fused LoRA's record
 TARGET_FILE = "export_target.json"  # repository root: the engine and GPUs the export was built for
+MANIFEST_SIGNATURE = "manifest.json.sig"  # repository root: Ed25519 signature of MANIFEST (optional)
+# `birdgen keygen`: the signing key pair (PEM). The private key stays where exports are made.
+SIGNING_KEY = "manifest-signing.key"
+PUBLIC_KEY = "manifest-signing.pub"
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")  # the two CLIP tokenizers, diffusers folder names
 MOTION_ADAPTER = "motion_adapter"  # model folder: the AnimateDiff motion adapter
 

@@ -7,8 +7,12 @@ Three steps, in order, each refusing loudly rather than serving something wrong:
    shipped). The GPUs an export was built for are recorded in ``export_target.json`` (outside the
    manifest); when they differ or are unknown the export is forced, because stage keys cover code,
    settings and library versions, not the GPU.
-2. ``verify_manifest``: any file whose SHA-256 differs from ``manifest.json`` (or is missing) stops
-   the start with the files named.
+2. Verify: Python bytecode caches in the repository are removed (a planted .pyc would run instead of
+   a checked model.py); with ``BIRDGEN_MANIFEST_PUBLIC_KEY`` set, ``manifest.json`` must carry a
+   signature that key verifies (``manifest.json.sig``); then ``verify_manifest``: any file whose
+   SHA-256 differs from the manifest, is missing, or is not listed in it stops the start with the
+   files named. (Each model checks its own files again when Triton loads it:
+   ``birdgen.manifest.verify_model``.)
 3. ``exec`` tritonserver with explicit model control, loading the entry models and base stages
    (family UNets load on first use), ports from ``BIRDGEN_*_PORT``.
 
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -28,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from birdgen.contracts import MANIFEST, TARGET_FILE
-from birdgen.manifest import core_models, read_manifest, verify_manifest
+from birdgen.manifest import IntegrityError, core_models, read_manifest, read_signed_manifest, verify_manifest
 from birdgen.server import admin_key_from_env, serving_flags
+from birdgen.signing import PUBLIC_KEY_ENV, public_key_from_env, signing_key_from_env
 
 __all__ = [
     "TARGET_FILE",
@@ -120,10 +126,13 @@ def prepare(
     gpus: Sequence[str] | None = None,
     exporter: Callable[..., dict[str, Any]] | None = None,
     progress: Callable[[str], None] = print,
+    signing_key: Path | None = None,
+    public_key: Path | None = None,
 ) -> list[str]:
-    """Steps 1 and 2: export if needed (``export``: auto, always or never), then verify every checksum.
+    """Steps 1 and 2: export if needed (``export``: auto, always or never; signed with
+    ``signing_key``), then verify the manifest's signature (with ``public_key``) and every checksum.
 
-    Returns the models to load at start. Raises ``RepositoryRefused`` naming the files that differ.
+    Returns the models to load at start. Raises ``RepositoryRefused`` naming what is wrong.
     """
     repository = Path(repository)
     gpus = gpu_identity() if gpus is None else list(gpus)
@@ -151,22 +160,56 @@ def prepare(
             device=device,
             force=force,
             progress=lambda message: progress(f"[entrypoint] export: {message}"),
+            signing_key=signing_key,
         )
         _write_target(repository, engine, gpus)
     else:
         progress(f"[entrypoint] {repository}: export up to date for {engine} on GPUs {gpus or 'none'}")
-    bad = verify_manifest(repository)
+    _remove_bytecode(repository, progress)
+    manifest = None
+    if public_key is not None:
+        try:
+            manifest = read_signed_manifest(repository, public_key)
+        except IntegrityError as exc:
+            raise RepositoryRefused(
+                f"refusing to serve {repository}: {exc}\nRe-export with the signing key whose public key "
+                f"{PUBLIC_KEY_ENV} names ({public_key}), or unset it to serve unsigned exports."
+            ) from None
+        progress(f"[entrypoint] {repository}: {MANIFEST}'s signature verifies with {public_key}")
+    bad = verify_manifest(repository, manifest)  # the checksums of the very manifest verified above
     if bad:
         listed = "\n".join(f"  {name}" for name in bad)
         raise RepositoryRefused(
             f"refusing to serve {repository}: {len(bad)} file(s) differ from the SHA-256 checksums in "
-            f"{MANIFEST} (changed or missing):\n{listed}\n"
+            f"{MANIFEST} (changed, missing, or not listed in it):\n{listed}\n"
             "Re-export the repository (birdgen export / birdgen entrypoint --export always) or restore "
             "those files."
         )
     models = core_models(repository)
     progress(f"[entrypoint] {repository}: all checksums match; loading {', '.join(models)}")
     return models
+
+
+def _remove_bytecode(repository: Path, progress: Callable[[str], None]) -> None:
+    """Remove Python's bytecode caches from the repository, or refuse where they cannot be removed.
+
+    Why: Python runs ``__pycache__/model.*.pyc`` instead of the model.py beside it when the .pyc's
+    header matches the source's size and time, so a planted .pyc would pass every checksum (caches
+    are not in the manifest). The server image writes none (PYTHONDONTWRITEBYTECODE); `birdgen serve`
+    leaves them behind.
+    """
+    caches = sorted(p for p in repository.rglob("__pycache__") if p.is_dir())
+    for cache in caches:
+        try:
+            shutil.rmtree(cache)
+        except OSError as exc:
+            raise RepositoryRefused(
+                f"refusing to serve {repository}: {cache} holds Python bytecode, which would run instead "
+                f"of the checked model.py, and cannot be removed ({exc.strerror or exc}); remove it "
+                "where the repository is written"
+            ) from None
+    if caches:
+        progress(f"[entrypoint] removed {len(caches)} Python bytecode cache(s) from {repository}")
 
 
 def tritonserver_command(
@@ -207,7 +250,17 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, engine_kinds: Sequence[str]) -> None:
-    """Every flag defaults to a ``BIRDGEN_*`` environment variable, so the image is configured with -e."""
+    """Every flag defaults to a ``BIRDGEN_*`` environment variable, so the image is configured with -e.
+
+    Secrets and keys have no flag (a command line is visible to whoever lists processes): the epilog
+    names the variables read from the environment only.
+    """
+    parser.epilog = (
+        "From the environment only: [BIRDGEN_ADMIN_KEY] locks Triton's admin protocols behind this key; "
+        f"[{PUBLIC_KEY_ENV}] path of an Ed25519 public key PEM: serve only exports whose {MANIFEST} it "
+        "verifies; [BIRDGEN_SIGNING_KEY] path of the private key PEM an export made here is signed with "
+        "(docs/security.md)."
+    )
     model_dir = _env("MODEL_DIR")
     parser.add_argument(
         "--model-repository",
@@ -266,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
 
     BIRDGEN_ADMIN_KEY (a secret: environment only, never a flag) locks Triton's admin protocols
     behind that key (birdgen.server.serving_flags); the printed command shows it as ***.
+    BIRDGEN_MANIFEST_PUBLIC_KEY reaches tritonserver through the exec'd environment, so every stage
+    model checks the signature again when it loads.
     """
     admin_key = admin_key_from_env()
     try:
@@ -275,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
             engine=args.engine,
             device=args.device,
             export=args.export,
+            signing_key=signing_key_from_env(),
+            public_key=public_key_from_env(),
         )
     except RepositoryRefused as exc:
         print(f"birdgen entrypoint: {exc}", file=sys.stderr, flush=True)

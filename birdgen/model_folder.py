@@ -2,7 +2,8 @@
 
 `ModelDims` reads only the JSON configs (no torch), so export, config generation and the serving
 models agree on tensor shapes without loading weights. `load_part` loads one component with the
-library class named in model_index.json.
+library class named in model_index.json, from safetensors only: pickle weights (*.bin, ...) are
+refused, since loading them can run code (docs/security.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ REQUIRED_PARTS: dict[str, str] = {
     "scheduler": "scheduler_config.json",
 }
 WEIGHT_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+# Weight formats read with pickle, which runs code from the file while loading it: never read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_REFUSED = (
+    "birdgen reads weights from .safetensors files only; pickle formats (.bin, .pt, .pth, .ckpt, .pkl) "
+    "are refused because loading one can run any code it carries"
+)
 
 
 class ModelFolderError(ValueError):
@@ -48,9 +55,23 @@ def check_model_folder(model_dir: Path) -> dict[str, Any]:
         if not (model_dir / part / marker).is_file():
             raise ModelFolderError(f"{model_dir}: part '{part}' is missing ({part}/{marker} not found)")
     for part in WEIGHT_PARTS:
-        if not any((model_dir / part).glob("*.safetensors")) and not any((model_dir / part).glob("*.bin")):
-            raise ModelFolderError(f"{model_dir}: part '{part}' has no weights (*.safetensors or *.bin)")
+        check_safetensors(model_dir / part, f"{model_dir}: part '{part}'")
     return index
+
+
+def check_safetensors(folder: Path, what: str) -> None:
+    """Raise ModelFolderError unless `folder` has *.safetensors weights, saying how to convert
+    pickle-only ones (e.g. a diffusers folder saved before safetensors was the default)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if not pickled:
+        raise ModelFolderError(f"{what} has no weights (*.safetensors)")
+    raise ModelFolderError(
+        f"{what} has only pickle weights ({', '.join(pickled)}): {PICKLE_REFUSED}. Download the "
+        ".safetensors files of the model, or convert on a machine you trust: load the part once with "
+        "diffusers/transformers and save_pretrained(..., safe_serialization=True)"
+    )
 
 
 @dataclass(frozen=True)
@@ -123,7 +144,8 @@ def load_motion_adapter(path: Path) -> Any:
         raise ModelFolderError(
             f"no motion adapter at {path} (a diffusers MotionAdapter folder with config.json)"
         )
-    return MotionAdapter.from_pretrained(path).eval()
+    check_safetensors(path, f"motion adapter {path}")
+    return MotionAdapter.from_pretrained(path, use_safetensors=True).eval()
 
 
 def _weights_variant(part_dir: Path) -> str | None:
@@ -146,8 +168,11 @@ def load_part(model_dir: Path, part: str, **kwargs: Any) -> Any:
         raise ModelFolderError(f"{model_dir}: part '{part}' comes from unsupported library '{library}'")
     cls = getattr(module, class_name)
     if part not in WEIGHT_PARTS:
-        return cls.from_pretrained(model_dir / part)
+        return cls.from_pretrained(model_dir / part)  # no weights: a tokenizer or the scheduler
     variant = _weights_variant(model_dir / part)
     extra = {"variant": variant} if variant else {}
-    model = cls.from_pretrained(model_dir / part, torch_dtype=torch.float32, **extra, **kwargs)
+    # use_safetensors: never fall back to a pickled *.bin beside the safetensors (check_model_folder).
+    model = cls.from_pretrained(
+        model_dir / part, torch_dtype=torch.float32, use_safetensors=True, **extra, **kwargs
+    )
     return model.eval()

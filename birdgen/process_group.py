@@ -12,7 +12,10 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["exit_status", "live_group_members", "wait_exit_unreaped", "wait_group_gone"]
+__all__ = ["dead_stubs", "exit_status", "live_group_members", "wait_exit_unreaped", "wait_group_gone"]
+
+SERVER_NAME = "tritonserver"
+STUB_NAME = "triton_python_b"  # triton_python_backend_stub as /proc names it (cut to 15 characters)
 
 
 def exit_status(pid: int) -> int | None:
@@ -46,13 +49,40 @@ def live_group_members(pgid: int) -> list[int]:
     Why not ``killpg(pgid, 0)``: a killed member (a python-backend stub, say) is reparented to pid 1 and
     stays a zombie until pid 1 reaps it, which some init processes do only every second or two.
     """
-    members = []
+    return [pid for pid, _, state, _, group in _processes() if group == pgid and state not in ("Z", "X")]
+
+
+def dead_stubs(server_pid: int | None = None) -> list[int]:
+    """Python-backend stubs that died under a running tritonserver (`server_pid`, or any there is):
+    its children that exited and were never reaped.
+
+    Why: Triton reaps a stub it stops itself (an unload, a roll-out, a shutdown), but it neither
+    notices nor restarts one that dies on its own (killed, OOM-killed, crashed): that model instance
+    answers every later request with "Stub process '<instance>' is not healthy." while
+    /v2/health/live, /v2/health/ready and the model's ready endpoint all stay 200. A non-empty list
+    is what a liveness check restarts the server for (`birdgen check-stubs`, docs/reliability.md).
+    """
+    table = _processes()
+    servers = {pid for pid, name, *_ in table if name == SERVER_NAME}
+    if server_pid is not None:
+        servers &= {server_pid}
+    return sorted(
+        pid
+        for pid, name, state, parent, _ in table
+        if name == STUB_NAME and state == "Z" and parent in servers
+    )
+
+
+def _processes() -> list[tuple[int, str, str, int, int]]:
+    """(pid, name, state, parent pid, process group) of every process /proc shows."""
+    table = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp ...
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                members.append(int(stat.parent.name))
-    return members
+            text = stat.read_text()
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp ...
+            table.append((int(stat.parent.name), name, fields[0], int(fields[1]), int(fields[2])))
+    return table
 
 
 def wait_group_gone(pgid: int, timeout: float) -> bool:

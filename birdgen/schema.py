@@ -37,7 +37,8 @@ from birdgen.request_error import MISSING, RequestError
 
 DEFAULT_LIMITS = DATA_DIR / "limits.yaml"
 _SPECIES_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 control characters and DEL: refused in names and prompts (terminal escapes, NULs).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SEED_MASK = (1 << 63) - 1
 # The image format that renders the PNG of the same request for an e-paper panel (birdgen.eink).
 EINK = "eink"
@@ -45,6 +46,10 @@ EINK_FIELDS = ("eink_panel", "eink_palette", "eink_dither", "eink_fit")
 EINK_SOURCE_FORMAT = "png"  # lossless: the panel picture is the same wherever it is rendered
 # Fields that choose how a result is delivered, not what is drawn: left out of the derived seed.
 OUTPUT_CHOICES = ("format", "poster_frame", *EINK_FIELDS)
+# Bounds of a request's JSON (Limits.max_request_json_bytes): bytes per character of text at most
+# (a surrogate pair of \uXXXX escapes) and room for everything that is not free text.
+_JSON_BYTES_PER_CHAR = 12
+_JSON_OTHER_BYTES = 4096
 
 
 class _Strict(BaseModel):
@@ -190,6 +195,22 @@ class Limits(_OutputLimits):
         """The limits from `path`, or the bundled ones (read once per process)."""
         return _load_default_limits() if path is None else load_data_file(path, cls)
 
+    @property
+    def max_request_json_bytes(self) -> int:
+        """The most bytes a valid image request's JSON needs: every character of its text fields
+        (species, scientific name, species id, prompt, negative prompt) at 12 bytes, what
+        json.dumps writes by default for an emoji (two \\uXXXX escapes), plus 4 KiB for the field
+        names, numbers and vocabulary words. An animation request has the same text fields."""
+        text = 2 * self.max_length.name + self.max_length.species_id + 2 * self.max_length.prompt
+        return text * _JSON_BYTES_PER_CHAR + _JSON_OTHER_BYTES
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest HTTP body the gateway reads: a full batch (batch.max_items) of the largest
+        valid requests, and never more than serving.max_request_bytes. With the bundled limits
+        100 x 31,264 = 3,126,400 bytes (3 MiB): every valid request fits, unless padded with whitespace."""
+        return min(self.serving.max_request_bytes, self.batch.max_items * self.max_request_json_bytes)
+
 
 def _frame_count(duration_seconds: float, fps: int) -> int | None:
     """duration x fps when that is a whole number, else None.
@@ -256,7 +277,10 @@ class _Request(BaseModel):
         if field == "species_id":
             return f"letters, digits and _ . : - (at most {n.species_id} characters), or null"
         if field in ("prompt", "negative_prompt"):
-            return f"a string of at most {n.prompt} characters, or null"
+            return (
+                f"a string of at most {n.prompt} characters without control characters (a run of "
+                "spaces, tabs or line breaks counts as one space), or null"
+            )
         if field == "family":
             return f"{', '.join(CATALOGUE.families)}, or null"
         if field == "format":
@@ -305,8 +329,10 @@ class _Request(BaseModel):
     @field_validator("prompt", "negative_prompt", check_fields=False)
     @classmethod
     def _prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
-        text = cls._text(value, info.field_name) if value is not None else ""
-        if len(text) > LIMITS.max_length.prompt:
+        """Whitespace runs become one space, as CLIP's tokenizer reads them (same tokens, same picture),
+        so "a\nb" and "a b" are one request, and a prompt stays one printable line in the metadata."""
+        text = " ".join(cls._text(value, info.field_name).split()) if value is not None else ""
+        if len(text) > LIMITS.max_length.prompt or _CONTROL.search(text):
             raise RequestError(info.field_name, value, cls._allowed(info.field_name))
         return text or None
 

@@ -83,7 +83,12 @@ def serving_flags(
     With `admin_key`, Triton's admin protocols (contracts.ADMIN_PROTOCOLS: loading and unloading
     models, the repository index, configs, shared memory, trace and log settings) answer only calls
     carrying the header contracts.ADMIN_KEY_HEADER with that value, on gRPC and HTTP alike; inference,
-    metadata, health and statistics stay open. Triton takes the key only on its command line."""
+    metadata, health and statistics stay open. Triton takes the key only on its command line.
+
+    No flag here bounds a request: Triton 2.51 (and the image's 2.53) has none for the gRPC message
+    or the HTTP body (gRPC's receive limit is compiled in at INT32_MAX; 300 MiB was accepted on both),
+    so limits.yaml's serving.max_request_bytes is enforced in front, by the gateway; the queue bounds
+    are per model, in the entry configs (triton_config.bound_queue). docs/reliability.md, "Limits"."""
     flags = [
         f"--model-repository={Path(repository).resolve()}",
         f"--grpc-port={grpc_port}",

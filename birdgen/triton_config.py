@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from birdgen.contracts import ENTRY_INPUT, IMAGE_OUTPUTS
 from birdgen.model_folder import ModelDims
+from birdgen.schema import LIMITS, ServingLimits
 from birdgen.stages import StageSpec, TensorSpec, image_sizes
 
 
@@ -63,13 +64,17 @@ def stage_config(
 
 
 def entry_config(
-    name: str, instances: int, outputs: tuple[str, ...] = IMAGE_OUTPUTS, decoupled: bool = False
+    name: str,
+    instances: int,
+    outputs: tuple[str, ...] = IMAGE_OUTPUTS,
+    decoupled: bool = False,
+    serving: ServingLimits = LIMITS.serving,
 ) -> mc.ModelConfig:
     """A public entry model: one JSON request in, encoded files and metadata out.
 
     Each instance runs one request's denoising loop; several instances run concurrently so their UNet
     calls meet in the UNet's dynamic batcher. Same request -> same bytes, so Triton's response cache
-    answers repeats in-server.
+    answers repeats in-server. Its queue is bounded by `serving` (limits.yaml; see bound_queue).
     """
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     config.input.add(name=ENTRY_INPUT, data_type=mc.TYPE_STRING, dims=[1])
@@ -80,7 +85,30 @@ def entry_config(
     # response cache does not apply to those.
     config.model_transaction_policy.decoupled = decoupled
     config.response_cache.enable = not decoupled
+    bound_queue(config, serving)
     return config
+
+
+def bound_queue(config: mc.ModelConfig, serving: ServingLimits) -> None:
+    """At most `serving.max_queue_size` requests wait for a free instance, none longer than
+    `serving.queue_timeout_s`; past either, Triton refuses at once with UNAVAILABLE ("Exceeds maximum
+    queue size" / "Request timeout expired"), which the client maps to ServerOverloadedError.
+
+    Why a dynamic batcher on a model with max_batch_size 0: Triton's queue policy lives only there,
+    and Triton 2.51 accepts it without batching (each execute still gets one request; measured). A
+    client may shorten its own request's timeout (allow_timeout_override), never lengthen it.
+    Triton's response cache is looked up before the queue, so repeats are answered even when it is full.
+    Cost, measured on 2.51: a queue policy turns off the batcher's prefetching, and a request queued
+    behind busy instances now and then waits up to ~0.5 s more for its hand-off (docs/reliability.md).
+    Stages get no bound: only the entry instances call them, one call per stage at a time, so a
+    stage's queue is never deeper than the entry instances; a rejection mid-loop would waste the steps
+    already run, and the prefetching they would lose is what fills their batches.
+    """
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = serving.max_queue_size
+    policy.default_timeout_microseconds = round(serving.queue_timeout_s * 1_000_000)
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.allow_timeout_override = True
 
 
 def to_pbtxt(config: mc.ModelConfig) -> str:

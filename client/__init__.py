@@ -11,6 +11,7 @@ from birdgen.client.errors import (
     DeadlineExceededError,
     GenerationError,
     InvalidRequestError,
+    ServerOverloadedError,
     ServerUnavailableError,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidRequestError",
     "ResponseCache",
     "RetryPolicy",
+    "ServerOverloadedError",
     "ServerUnavailableError",
     "cache_key",
 ]

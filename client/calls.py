@@ -18,7 +18,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
-from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
+from tritonclient.grpc import (
+    MAX_GRPC_MESSAGE_SIZE,
+    InferInput,
+    InferRequestedOutput,
+    InferResult,
+    KeepAliveOptions,
+)
 from tritonclient.utils import InferenceServerException
 
 from birdgen.client.cache import CacheEntry, Derivation, ResponseCache
@@ -28,6 +34,7 @@ from birdgen.client.errors import (
     DeadlineExceededError,
     GenerationError,
     InvalidRequestError,
+    ServerOverloadedError,
     ServerUnavailableError,
 )
 from birdgen.contracts import (
@@ -60,6 +67,9 @@ from birdgen.schema import (
 
 # gRPC codes that say "not now" rather than "not this": the same request may succeed on a retry.
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+# What Triton says, with UNAVAILABLE, when a model's bounded queue refuses a request
+# (birdgen.triton_config.bound_queue): full at arrival, or waited past the queue timeout.
+OVERLOADED = ("Exceeds maximum queue size", "Request timeout expired")
 # How long a looked-up entry-model version keys the cache before it is asked for again, so a roll-out
 # made by another process reaches this client's cache keys within this many seconds.
 MODEL_VERSION_TTL_S = 10.0
@@ -140,12 +150,20 @@ class GeneratedAnimation:
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter (AWS's "full jitter"): retry n waits uniform(0, cap_n),
-    cap_n = min(max_s, base_s * 2**n), so clients that failed together do not retry together."""
+    cap_n = min(max_s, base_s * 2**n), so clients that failed together do not retry together.
+
+    After an overload refusal (ServerOverloadedError) the caps start at `overload_base_s` instead:
+    a full queue drains in about queue length x request time / instances (64 x 140 ms / 3 = 3 s for
+    the mini preset's 256² image on 2 CPU cores; 64 x 20 ms / 4 = 0.3 s at the GPU goal), so retrying
+    within 0.1-0.4 s would mostly be refused again. With the defaults the overload pauses are below
+    0.5, 1 and 2 s: 3.5 s at most, 1.75 s on average, then ServerOverloadedError.
+    """
 
     max_attempts: int = 4
     base_s: float = 0.1
     max_s: float = 2.0
     jitter: bool = True
+    overload_base_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -154,10 +172,23 @@ class RetryPolicy:
             raise ValueError(
                 f"invalid 'base_s': got {self.base_s}; allowed: 0 <= base_s <= max_s ({self.max_s})"
             )
+        if self.overload_base_s < 0:
+            raise ValueError(f"invalid 'overload_base_s': got {self.overload_base_s}; allowed: >= 0")
 
-    def backoff(self, retry: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+    def cap(self, retry: int, *, overloaded: bool = False) -> float:
+        """The longest wait before retry number `retry` (0 for the first)."""
+        base = max(self.base_s, self.overload_base_s) if overloaded else self.base_s
+        return min(self.max_s, base * 2**retry)
+
+    def backoff(
+        self,
+        retry: int,
+        uniform: Callable[[float, float], float] = random.uniform,
+        *,
+        overloaded: bool = False,
+    ) -> float:
         """Seconds to wait before retry number `retry` (0 for the first)."""
-        cap = min(self.max_s, self.base_s * 2**retry)
+        cap = self.cap(retry, overloaded=overloaded)
         return uniform(0.0, cap) if self.jitter else cap
 
 
@@ -167,14 +198,19 @@ def status_name(exc: InferenceServerException) -> str:
     return str(exc.status() or "").rsplit(".", 1)[-1]
 
 
-def map_error(exc: InferenceServerException, url: str, deadline_s: float) -> BirdgenError:
-    """A typed error for a failed call: callers branch on the class, not the message."""
+def map_error(
+    exc: InferenceServerException, url: str, deadline_s: float, retry_after_s: float = 1.0
+) -> BirdgenError:
+    """A typed error for a failed call: callers branch on the class, not the message.
+    `retry_after_s` goes with a ServerOverloadedError (Attempts passes its policy's next cap)."""
     status = status_name(exc)
     message = exc.message() or str(exc)
     if status == "INVALID_ARGUMENT":
         return InvalidRequestError(message)
     if "protocol is restricted" in message:  # Triton answers UNAVAILABLE, but no retry will help
         return AdminKeyRequiredError(f"{url}: {message}")
+    if status == "RESOURCE_EXHAUSTED" or (status == "UNAVAILABLE" and message.endswith(OVERLOADED)):
+        return ServerOverloadedError(url, f"{message} ({status})", retry_after_s)
     if status in RETRYABLE:
         return ServerUnavailableError(url, f"{message} ({status})")
     if status == "DEADLINE_EXCEEDED":
@@ -227,14 +263,15 @@ class Attempts:
         retryable or the attempts are used up, DeadlineExceededError when the deadline ended the
         attempt or the wait would end past it."""
         self._failures += 1
-        error = map_error(exc, self.url, self.deadline_s)
+        retry = self._failures - 1
+        error = map_error(exc, self.url, self.deadline_s, self.policy.cap(retry, overloaded=True))
         if isinstance(error, DeadlineExceededError):
             raise self.expired() from None
         final = isinstance(error, AdminKeyRequiredError) or status_name(exc) not in RETRYABLE
         if final or self._failures >= self.policy.max_attempts:
             raise error from None
         self._last = error
-        pause = self.policy.backoff(self._failures - 1)
+        pause = self.policy.backoff(retry, overloaded=isinstance(error, ServerOverloadedError))
         if pause >= self.remaining():
             raise self.expired() from None
         return pause
@@ -290,8 +327,19 @@ class Call:
         return self.entry(result)
 
     def entry(self, result: InferResult) -> CacheEntry:
-        """The outputs as files (empty ones, formats not asked for, dropped) and the metadata."""
-        outputs = {name: result.as_numpy(name).reshape(-1)[0] for name in self.outputs}
+        """The outputs as files (empty ones, formats not asked for, dropped) and the metadata.
+
+        GenerationError when the answer has no outputs: Triton's response cache keeps a failed
+        request's answer as an empty success and gives it to every repeat (docs/reliability.md)."""
+        arrays = {name: result.as_numpy(name) for name in self.outputs}
+        missing = [name for name, array in arrays.items() if array is None]
+        if missing:
+            raise GenerationError(
+                f"{self.model} answered without {', '.join(missing)}: an empty answer, which Triton's "
+                "response cache gives to the repeats of a request that failed (it is cleared by a "
+                "server restart or a new entry-model version)"
+            )
+        outputs = {name: array.reshape(-1)[0] for name, array in arrays.items() if array is not None}
         metadata = json.loads(outputs.pop(METADATA))
         return CacheEntry({name: data for name, data in outputs.items() if data}, metadata)
 
@@ -394,6 +442,27 @@ class ModelVersions:
         self._known.clear()
 
 
+# gRPC waits longer and longer between its attempts to reconnect to a server that went away (1 s,
+# x1.6 each time, up to 2 minutes) and fails every call at once meanwhile: a client that met a server
+# restart went on failing for 11 s after the server was back (a 30 s restart; minutes after a long
+# one, docs/reliability.md). Trying again at least every 2 s costs one refused connection then.
+RECONNECT_BACKOFF_MS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000))
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel options (message sizes, keepalive), and RECONNECT_BACKOFF_MS."""
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        *RECONNECT_BACKOFF_MS,
+    ]
+
+
 class ClientBase:
     """Options and helpers both clients share; the subclasses add the transport.
 
@@ -432,7 +501,7 @@ class ClientBase:
 
     def _connection(self) -> dict[str, Any]:
         """Keyword arguments for tritonclient's (sync or aio) InferenceServerClient."""
-        return {"url": self.url, **self._tls}
+        return {"url": self.url, **self._tls, "channel_args": channel_args()}
 
     def _attempts(self, deadline_s: float | None) -> Attempts:
         return Attempts(self.retry, self.deadline_s if deadline_s is None else deadline_s, self.url)

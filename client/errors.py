@@ -14,9 +14,27 @@ class InvalidRequestError(BirdgenError):
 class ServerUnavailableError(BirdgenError):
     """No server answered at the URL (down, wrong address, or not ready)."""
 
+    state = "unavailable"
+
     def __init__(self, url: str, detail: str) -> None:
-        super().__init__(f"birdgen server at {url} is unavailable: {detail}")
+        super().__init__(f"birdgen server at {url} is {self.state}: {detail}")
         self.url = url
+        self.detail = detail
+
+
+class ServerOverloadedError(ServerUnavailableError):
+    """The server is up but refused the request for load: its queue for the model was full, or the
+    request waited there past the queue timeout (Triton's UNAVAILABLE "Exceeds maximum queue size" /
+    "Request timeout expired", or gRPC's RESOURCE_EXHAUSTED). Nothing was computed, so the same
+    request may be sent again; `retry_after_s` is how long this client's retry policy would wait next
+    (the gateway's Retry-After). A ServerUnavailableError, so code that waits out an outage waits this
+    out too."""
+
+    state = "overloaded"
+
+    def __init__(self, url: str, detail: str, retry_after_s: float) -> None:
+        super().__init__(url, detail)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceededError(BirdgenError):

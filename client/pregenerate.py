@@ -15,6 +15,7 @@ No torch here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -253,14 +254,23 @@ class Manifest:
         return all(_sha256(self.out / entry["path"]) == entry["sha256"] for entry in written)
 
     def append(self, record: Mapping[str, Any]) -> None:
-        """One line, on disk before returning: a kill after this never loses the item."""
+        """One line, on disk before returning: a kill after this never loses the item. A write that
+        fails (a full disk) is cut off again, so a failure never leaves half a line behind."""
         self.out.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as file:
-            if file.tell() and not _ends_with_newline(self.path):
-                file.write(b"\n")  # end a line cut short by a kill, so this one stays readable
-            file.write(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
-            file.flush()
-            os.fsync(file.fileno())
+        line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+        with self.path.open("ab", buffering=0) as file:
+            end = file.seek(0, os.SEEK_END)
+            if end and not _ends_with_newline(self.path):
+                line = b"\n" + line  # end a line cut short by a kill, so this one stays readable
+            try:
+                written = 0
+                while written < len(line):  # unbuffered: a short write is ours to continue
+                    written += file.write(line[written:]) or 0
+                os.fsync(file.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    file.truncate(end)
+                raise
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -281,11 +291,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Temp file + fsync + rename: a reader (or a resumed run) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temp.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temp, path)
+    try:
+        with temp.open("wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a full disk must not keep the part written (nor its space)
+        raise
 
 
 def output_files(item: WorkItem, result: GeneratedImage | GeneratedAnimation) -> dict[str, tuple[str, bytes]]:
@@ -375,10 +389,19 @@ async def pregenerate(
     async def worker() -> None:
         for item in queue:  # one shared iterator: each item goes to exactly one worker
             outcome, result = await _attempt(item, client, retry)
-            if result is not None:
-                outcome.files = _write(out, item, result) if write_files else {}
-                outcome.cached = to_cache
-            manifest.append(outcome.record())
+            try:
+                if result is not None:
+                    outcome.files = _write(out, item, result) if write_files else {}
+                    outcome.cached = to_cache
+                manifest.append(outcome.record())
+            except OSError as exc:  # a full disk, say: stop, naming it and what is kept
+                finished = summary.skipped + summary.done
+                raise OSError(
+                    exc.errno,
+                    f"{exc.strerror or exc} writing {item.kind} {item.species_id} into {out}; "
+                    f"pre-generation stopped, the {finished} item(s) done are in {manifest.path}: "
+                    "free space and run it again to resume",
+                ) from exc
             if outcome.status == "done":
                 summary.done += 1
             else:

@@ -24,7 +24,7 @@ import torch
 
 from birdgen.contracts import MANIFEST, PIPELINE_FILE
 from birdgen.engines import Engine, TensorEngine, engine_kind
-from birdgen.ensemble.triton_model import tensor_from_triton, tensor_to_triton
+from birdgen.ensemble.triton_model import tensor_from_triton, tensor_to_triton, verify_at_load
 from birdgen.stages import StageSpec, repository_specs
 
 # Stage inputs and outputs: torch tensors on the device where the stage put them (see module doc).
@@ -138,7 +138,10 @@ class BlsRunner:
 
 
 def entry_pipeline(args: dict[str, str], pipeline_class: type) -> tuple[Any, dict[str, Any]]:
-    """An entry model's pipeline over BLS stage calls, and its pipeline.json, from its version folder."""
+    """An entry model's pipeline over BLS stage calls, and its pipeline.json, from its version folder
+    (verified against the manifest first, as the stages verify theirs: tokenizers, scheduler config
+    and pipeline.json decide what is drawn too)."""
+    verify_at_load(args)
     version_dir = Path(args["model_repository"]) / args["model_version"]
     info = json.loads((version_dir / PIPELINE_FILE).read_text())
     return pipeline_class(version_dir, BlsRunner(repository_specs(info))), info

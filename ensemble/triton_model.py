@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from birdgen.contracts import MANIFEST
 from birdgen.engines import Engine, TensorEngine, engine_kind
+from birdgen.manifest import verify_model
 from birdgen.schema import RequestError
+from birdgen.signing import public_key_from_env
 from birdgen.stages import StageSpec, repository_specs
 
 # Triton custom metric (on its /metrics endpoint): seconds spent inside each stage model's engine.
@@ -60,12 +61,27 @@ def instance_device(args: dict[str, str]) -> str:
     return f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
 
 
+def verify_at_load(args: dict[str, str]) -> dict[str, Any]:
+    """The repository's manifest, once this model version's files match it (and the manifest is
+    signed when BIRDGEN_MANIFEST_PUBLIC_KEY is set); else IntegrityError, which fails the load.
+
+    Runs in the model's own stub process (Triton's stubs inherit tritonserver's environment), before
+    any engine file is opened: family UNets and roll-outs load long after the entrypoint's start check.
+    """
+    model_dir = Path(args["model_repository"])
+    return verify_model(model_dir.parent, model_dir.name, args["model_version"], public_key_from_env())
+
+
 def load_stage(args: dict[str, str]) -> tuple[StageSpec, Engine]:
-    """The stage spec and engine for a stage model, from its config parameters and the repo manifest."""
+    """The stage spec and engine for a stage model, from its config parameters and the repo manifest.
+
+    The version folder is verified against the manifest first (``verify_at_load``): a changed, missing
+    or added file refuses the load with one log line naming the model and the files.
+    """
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     model_dir = Path(args["model_repository"])
-    manifest = json.loads((model_dir.parent / MANIFEST).read_text())
+    manifest = verify_at_load(args)
     spec = repository_specs(manifest)[params["stage"]]
     engine = engine_kind(params["engine"]).load(
         spec, model_dir / args["model_version"], instance_device(args)

@@ -35,6 +35,7 @@ from birdgen.contracts import (
     IMAGE_MODEL,
     LORA_FILE,
     MANIFEST,
+    MANIFEST_SIGNATURE,
     MOTION_ADAPTER,
     PIPELINE_FILE,
     TOKENIZER_DIRS,
@@ -44,7 +45,8 @@ from birdgen.engines import EngineKind, engine_kind
 from birdgen.free_noise import CONTEXT_LENGTH
 from birdgen.manifest import read_manifest, repository_files, sha256_file, tree_hashes
 from birdgen.model_folder import ModelDims, check_model_folder, load_motion_adapter
-from birdgen.schema import ANIMATION
+from birdgen.schema import ANIMATION, LIMITS, ServingLimits
+from birdgen.signing import check_private_key, sign
 from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
 from birdgen.triton_install import MODEL_BOOTSTRAP
 
@@ -235,8 +237,10 @@ def export_repository(
     motion_adapter: Path | None = None,
     max_frames: int | None = None,
     entry_instances: int = 4,
+    serving: ServingLimits = LIMITS.serving,
     force: bool = False,
     progress: Callable[[str], None] = print,
+    signing_key: Path | None = None,
 ) -> dict[str, Any]:
     """Export `model_dir` (and any family LoRAs) into the Triton repository `out`; return the manifest.
 
@@ -248,8 +252,13 @@ def export_repository(
     (`<model_dir>/motion_adapter`, where the tiny model writes it); `max_frames` caps its clips below
     the request limit where GPU memory is short, and like the families it stays as an earlier export
     set it unless given again. `device` is where the stages will be hosted (see `engine_kind`).
+    `serving` bounds the entry models' queues (limits.yaml's; a test passes a tiny one).
+    With `signing_key` (an Ed25519 private key PEM, `birdgen keygen`) the manifest is signed into
+    manifest.json.sig; without it an earlier signature is removed, since it no longer matches.
     """
     out = Path(out)
+    if signing_key is not None:
+        check_private_key(signing_key)  # before the export's minutes, not after them
     inputs = resolve_inputs(model_dir, out, engine, device, loras, motion_adapter, max_frames)
     out.mkdir(parents=True, exist_ok=True)
     plans = plan_stages(inputs)
@@ -257,8 +266,10 @@ def export_repository(
     families = _export_families(out, plans, stages, inputs, force, progress)
     keys = "".join(s["key"] for s in stages.values())
     model_version = f"{inputs.model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
-    entries = _write_entry(out, inputs, model_version, entry_instances, families)
-    return _write_manifest(out, inputs, model_version, entries, stages, families)
+    entries = _write_entry(out, inputs, model_version, entry_instances, families, serving)
+    manifest = _write_manifest(out, inputs, model_version, entries, stages, families)
+    _sign_manifest(out, signing_key, progress)
+    return manifest
 
 
 def resolve_inputs(
@@ -496,6 +507,18 @@ def _write_manifest(
     return manifest
 
 
+def _sign_manifest(out: Path, signing_key: Path | None, progress: Callable[[str], None]) -> None:
+    """manifest.json.sig for the manifest just written, or none: a stale one would fail to verify."""
+    path = out / MANIFEST_SIGNATURE
+    if signing_key is None:
+        path.unlink(missing_ok=True)
+        return
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(sign((out / MANIFEST).read_bytes(), signing_key))
+    temporary.replace(path)
+    progress(f"{MANIFEST} signed with {signing_key} ({MANIFEST_SIGNATURE})")
+
+
 def _canonical_families(loras: Mapping[str, Path], catalogue: Any) -> dict[str, Path]:
     """The LoRAs by canonical family name; an unknown name raises the catalogue's UnknownFamilyError."""
     return {catalogue.family(name): Path(path) for name, path in loras.items()}
@@ -507,7 +530,12 @@ def _version_dirs(model: Path) -> list[int]:
 
 
 def _write_entry(
-    out: Path, inputs: ExportInputs, model_version: str, instances: int, families: dict[str, Any]
+    out: Path,
+    inputs: ExportInputs,
+    model_version: str,
+    instances: int,
+    families: dict[str, Any],
+    serving: ServingLimits,
 ) -> list[str]:
     """The entry models' folders; returns their names.
 
@@ -547,7 +575,8 @@ def _write_entry(
             shutil.copytree(inputs.model_dir / part, version_dir / part)
         write_model_py(name, version_dir)
         _write(version_dir / PIPELINE_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
-        config = entry_config(name, instances, outputs, decoupled=name == ANIMATION_STREAM_MODEL)
+        decoupled = name == ANIMATION_STREAM_MODEL
+        config = entry_config(name, instances, outputs, decoupled=decoupled, serving=serving)
         _write(out / name / "config.pbtxt", to_pbtxt(config))
         for stale in _version_dirs(out / name)[:-KEEP_VERSIONS]:
             shutil.rmtree(out / name / str(stale))

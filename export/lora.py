@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from birdgen.model_folder import load_part
+from birdgen.model_folder import PICKLE_REFUSED, PICKLE_SUFFIXES, load_part
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # peft naming (lora_A / lora_B) and diffusers' file naming (lora.down / lora.up) of the two halves.
@@ -38,13 +38,27 @@ class LoraInfo:
 
 
 def lora_file(path: Path) -> Path:
-    """A LoRA given as its folder (diffusers layout) or as the .safetensors file itself."""
+    """A LoRA given as its folder (diffusers layout) or as the .safetensors file itself.
+
+    Safetensors only: a pickled LoRA (.bin, .pt, ...) is refused before it is opened, since loading
+    pickle runs whatever code the file carries.
+    """
     path = Path(path)
     if path.is_dir():
-        path = path / LORA_WEIGHTS
+        pickled = sorted(p for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        weights = path / LORA_WEIGHTS
+        # A folder with only a pickled LoRA (pytorch_lora_weights.bin): refused below, by its name.
+        path = weights if weights.is_file() or not pickled else pickled[0]
     if not path.is_file():
         raise LoraError(
             f"LoRA not found: {path} (give its folder with {LORA_WEIGHTS}, or a .safetensors file)"
+        )
+    if path.suffix != ".safetensors":
+        raise LoraError(
+            f"{path}: not a .safetensors file; {PICKLE_REFUSED}. Convert it on a machine you trust: "
+            'python -c "import sys, torch, safetensors.torch as st; '
+            'st.save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])" '
+            f"{path.name} {LORA_WEIGHTS}"
         )
     return path
 
@@ -55,8 +69,9 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float] | N
     from diffusers import StableDiffusionXLPipeline
 
     try:
+        # use_safetensors=True: diffusers never falls back to torch.load (pickle) for this file.
         state, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
-            str(path), return_lora_metadata=True
+            str(path), return_lora_metadata=True, use_safetensors=True
         )
     except Exception as exc:
         raise LoraError(f"{path}: not a readable SDXL LoRA ({exc})") from None

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -36,6 +37,7 @@ from birdgen.client import (
     GeneratedImage,
     InvalidRequestError,
     ResponseCache,
+    ServerOverloadedError,
     ServerUnavailableError,
 )
 from birdgen.contracts import ANIMATION_MODEL, GIF, IMAGE_MODEL, POSTER, WEBP
@@ -73,21 +75,38 @@ def invalid(
     exc: RequestError, *prefix: str | int, where: str = "body", field: str | None = None
 ) -> JSONResponse:
     """422 in FastAPI's own shape, naming the field, what it got and what is allowed."""
-    value = None if exc.value is None or not isinstance(exc.value, str | int | float | bool) else exc.value
+    value = exc.value if isinstance(exc.value, str | int | float | bool) else None
+    if isinstance(value, float) and not math.isfinite(value):
+        value = None  # a NaN or Infinity literal in the body: standard JSON has no way to write it back
     detail = {
-        "loc": [where, *prefix, field or exc.field],
-        "msg": str(exc),
+        "loc": [where, *prefix, _utf8(field or exc.field)],
+        "msg": _utf8(str(exc)),
         "type": "value_error",
-        "input": value,
-        "allowed": exc.allowed,
+        "input": _utf8(value) if isinstance(value, str) else value,
+        "allowed": _utf8(exc.allowed),
     }
     return JSONResponse({"detail": [detail]}, status_code=422)
 
 
+def _utf8(text: str) -> str:
+    """`text` as a UTF-8 body can carry it: a lone surrogate (JSON's "\\ud800") becomes its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def retry_after_s(exc: BirdgenError) -> int | None:
+    """The Retry-After of a 503, in whole seconds: an overloaded server's is the client's own next
+    backoff cap (RetryPolicy.cap: 2 s by default once its retries are spent), so HTTP callers come
+    back no sooner than the client itself would have; an unreachable one's is a fixed 5 s."""
+    if isinstance(exc, ServerOverloadedError):
+        return max(1, math.ceil(exc.retry_after_s))
+    return RETRY_AFTER_UNAVAILABLE_S if isinstance(exc, ServerUnavailableError) else None
+
+
 def _failure(exc: BirdgenError) -> JSONResponse:
-    status = error_status(exc)
-    headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)} if status == 503 else None
-    return JSONResponse({"detail": str(exc), "type": type(exc).__name__}, status_code=status, headers=headers)
+    retry_after = retry_after_s(exc)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    body = {"detail": str(exc), "type": type(exc).__name__}
+    return JSONResponse(body, status_code=error_status(exc), headers=headers)
 
 
 def _wants(request: Request, media_type: str) -> bool:
@@ -256,7 +275,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def body(request: Request) -> Any:
         try:
             return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # also a number past int()'s digit limit, deep nesting
             raise RequestError("request", "(not JSON)", "a JSON object of request fields") from None
 
     # -- pages and service endpoints ------------------------------------------------------------------
@@ -302,6 +321,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.exception_handler(BirdgenError)
     async def birdgen_error(_: Request, exc: BirdgenError) -> JSONResponse:
         return _failure(exc)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_error(_: Request, exc: redis.RedisError) -> JSONResponse:
+        """Batch jobs live in Redis, so while it does not answer none is taken or reported: 503
+        saying so, not a bare 500 (generation goes on: the rate limit and the cache fail open)."""
+        return JSONResponse(
+            {"detail": f"Redis is unavailable, batch jobs need it: {exc}", "type": type(exc).__name__},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
+        )
 
     def image_response(request: Request, image: GeneratedImage) -> Response:
         if _wants(request, "application/json"):
@@ -361,7 +390,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 )
                 lines.put_nowait({"type": "result", **animation_json(clip)})
             except BirdgenError as exc:
-                lines.put_nowait({"type": "error", "status": error_status(exc), "detail": str(exc)})
+                line = {"type": "error", "status": error_status(exc), "detail": str(exc)}
+                retry_after = retry_after_s(exc)
+                lines.put_nowait(line if retry_after is None else line | {"retry_after": retry_after})
 
         task = asyncio.create_task(run())
         try:

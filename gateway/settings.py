@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from birdgen.schema import LIMITS
+
 ENV_PREFIX = "BIRDGEN_"
 
 
@@ -24,8 +26,11 @@ class GatewaySettings(BaseModel):
     # When set, a request carrying X-API-Key must carry one of these (401 otherwise); requests
     # without a key are limited by client IP. Empty: any key is an identity for the rate limit only.
     api_keys: frozenset[str] = frozenset()
-    max_body_bytes: int = Field(64 * 1024, ge=1024)  # request bodies above this get 413
-    max_batch_items: int = Field(100, ge=1)
+    # Request bodies above this get 413; batches above this many items 422. Both default to
+    # limits.yaml's (schema.LIMITS: max_body_bytes is derived from batch.max_items and the request's
+    # text limits, within serving.max_request_bytes); a deployment may lower them, never raise them.
+    max_body_bytes: int = Field(LIMITS.max_body_bytes, ge=1024, le=LIMITS.max_body_bytes)
+    max_batch_items: int = Field(LIMITS.batch.max_items, ge=1, le=LIMITS.batch.max_items)
     deadline_s: float = Field(120.0, gt=0)  # one generation, end to end (the client's deadline)
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # how long a batch job and its results are kept
     # A replica holds a job while it works on it; a dead replica's job is taken over this long after.

@@ -25,16 +25,30 @@ from tests.processes import stop
 class RedisServer:
     url: str
     process: subprocess.Popen[bytes]
+    command: list[str]  # how it was started: start() runs it again, same port and files
+    log: Path
 
     def kill(self) -> None:
         """SIGKILL, as an outage would: no goodbye to connected clients."""
         self.process.kill()
         self.process.wait(timeout=5)
 
+    def stop(self) -> None:
+        """SIGTERM, as `docker restart` or Kubernetes would: Redis writes its append-only file first."""
+        stop(self.process)
+
+    def start(self) -> None:
+        """The same redis-server again, on its port and with its files, once it answers PING."""
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+        _wait_for_ping(self.url, self.process, self.log)
+
 
 @contextlib.contextmanager
-def running_redis(directory: Path) -> Iterator[RedisServer]:
-    """redis-server on a free localhost port, its files in `directory`; stopped on exit."""
+def running_redis(directory: Path, *, appendonly: bool = False) -> Iterator[RedisServer]:
+    """redis-server on a free localhost port, its files in `directory`; stopped on exit.
+
+    `appendonly`: with the deployment's persistence (docker/compose.yaml: the append-only file,
+    fsynced every second), so data outlives a restart; else nothing is kept."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip(
@@ -42,15 +56,19 @@ def running_redis(directory: Path) -> Iterator[RedisServer]:
         )
     port = free_port()
     log = directory / "redis.log"
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
+    )
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence]
     command += ["--dir", str(directory), "--logfile", str(log)]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    server = RedisServer(
+        f"redis://127.0.0.1:{port}/0", subprocess.Popen(command, stdin=subprocess.DEVNULL), command, log
+    )
     try:
-        _wait_for_ping(url, process, log)
-        yield RedisServer(url, process)
+        _wait_for_ping(server.url, server.process, log)
+        yield server
     finally:
-        stop(process)
+        stop(server.process)
 
 
 @pytest.fixture

@@ -23,6 +23,9 @@ EVERYWHERE = {
     contracts.PIPELINE_FILE,
     contracts.LORA_FILE,
     contracts.TARGET_FILE,
+    contracts.MANIFEST_SIGNATURE,
+    contracts.SIGNING_KEY,
+    contracts.PUBLIC_KEY,
 }
 # Where the tensors cross Triton, so their plain-word names ("image", "request") must come from it.
 WIRE = {

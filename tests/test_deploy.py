@@ -52,7 +52,9 @@ DASHBOARD_FILE = GRAFANA / "dashboards" / "birdgen.json"
 K8S = DOCKER / "k8s"
 ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
 SECRET_TEMPLATE = K8S / "gateway-secret.example.yaml"
+TRITON_SECRET_TEMPLATE = K8S / "triton-secret.example.yaml"
 GATEWAY_DOCKERFILE = DOCKER / "Dockerfile.gateway"
+SERVER_DOCKERFILE = DOCKER / "Dockerfile.server"
 
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -83,7 +85,7 @@ TRITON_GPU_METRICS = {
     "nv_energy_consumption",
 }
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|CREDENTIAL", re.IGNORECASE)
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ADMIN_KEY|CREDENTIAL", re.IGNORECASE)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -630,7 +632,8 @@ def test_kustomizations_list_every_manifest() -> None:
         for folder in (K8S, K8S / "export")
         for name in yaml.safe_load((folder / "kustomization.yaml").read_text())["resources"]
     }
-    assert listed == set(k8s_files()) - {SECRET_TEMPLATE}  # the Secret is a template, never applied
+    # The Secrets are templates, never applied.
+    assert listed == set(k8s_files()) - {SECRET_TEMPLATE, TRITON_SECRET_TEMPLATE}
     for folder in (K8S, K8S / "export"):
         kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
         assert kustomization["namespace"] == "birdgen"
@@ -785,6 +788,71 @@ def test_kubernetes_gateway() -> None:
     security = deployment["spec"]["template"]["spec"]["securityContext"]
     (user,) = _instructions(GATEWAY_DOCKERFILE, "USER")
     assert security["runAsNonRoot"] and f"{security['runAsUser']}:{security['runAsGroup']}" == user
+
+
+def test_kubernetes_containers_run_as_non_root_without_privileges() -> None:
+    """Every pod non-root (its image's numeric user for ours), no container may gain privileges, keep
+    a capability or write its root filesystem; what each writes is a volume."""
+    server_user = _instructions(SERVER_DOCKERFILE, "USER")[-1]
+    (home,) = re.findall(r"HOME=(\S+)", " ".join(_instructions(SERVER_DOCKERFILE, "ENV")))
+    workloads = [d for d in BASE + kustomized_docs(K8S / "export") if "template" in d.get("spec", {})]
+    assert {w["metadata"]["name"] for w in workloads} == {"triton", "gateway", "redis", "birdgen-export"}
+    for workload in workloads:
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0 and pod["runAsGroup"] > 0, name
+        for container in containers(workload):
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, container["name"]
+            assert security["readOnlyRootFilesystem"] is True, container["name"]
+            assert security["capabilities"]["drop"] == ["ALL"], container["name"]
+        if name in ("triton", "birdgen-export"):  # the server image
+            assert f"{pod['runAsUser']}:{pod['runAsGroup']}" == server_user, name
+            served = containers(workload)[-1]
+            mounts = {m["mountPath"] for m in served["volumeMounts"]}
+            assert {"/tmp", home, "/dev/shm", "/models/repository"} <= mounts, name
+    job = find(kustomized_docs(K8S / "export"), "Job", "birdgen-export")
+    assert job["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001  # writes the volume
+
+
+def test_kubernetes_secrets_come_from_secrets_never_literal_values() -> None:
+    """BIRDGEN_ADMIN_KEY (Triton) and BIRDGEN_API_KEYS (gateway) from secretKeyRefs of Secrets the
+    repository holds only as templates with placeholders; no secret-named variable has a value."""
+    workloads = [d for d in BASE + kustomized_docs(K8S / "export") if "template" in d.get("spec", {})]
+    for container in (c for w in workloads for c in containers(w)):
+        for item in container.get("env", []):
+            if SECRET_NAME.search(item["name"]):
+                assert "value" not in item and "secretKeyRef" in item["valueFrom"], item["name"]
+    triton = containers(find(BASE, "Deployment", "triton"))[-1]
+    refs = {"BIRDGEN_ADMIN_KEY": (triton, TRITON_SECRET_TEMPLATE)}
+    refs["BIRDGEN_API_KEYS"] = (containers(find(BASE, "Deployment", "gateway"))[0], SECRET_TEMPLATE)
+    for variable, (container, template_path) in refs.items():
+        ref = container_env(container)[variable]["secretKeyRef"]
+        (template,) = k8s_docs(template_path)
+        assert template["kind"] == "Secret" and template["metadata"]["name"] == ref["name"]
+        assert template["stringData"][ref["key"]].startswith("<")  # a placeholder, not a key
+        assert ref.get("optional") is not True, variable  # no pod starts without it
+    assert "[BIRDGEN_ADMIN_KEY]" in entrypoint_variables()
+
+
+def test_compose_services_run_without_privileges_and_triton_gets_its_keys_from_the_env() -> None:
+    for name, service in SERVICES.items():
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert str(service.get("user", "")).split(":")[0] not in ("0", "root"), name
+    assert SERVICES["redis"]["user"] == "999:999"  # as in redis.yaml, not the image's root start
+    # Read-only where a service writes only its volume (and the gateway's /tmp).
+    for name in ("gateway", "redis", "prometheus"):
+        assert SERVICES[name]["read_only"] is True, name
+    assert SERVICES["gateway"]["tmpfs"] == ["/tmp"]
+    variables = compose_variables()
+    for name in TRITONS:
+        environment = SERVICES[name]["environment"]
+        for variable in ("BIRDGEN_ADMIN_KEY", "BIRDGEN_MANIFEST_PUBLIC_KEY"):
+            match = _VARIABLE.fullmatch(environment[variable])
+            assert match and match.group(1) == variable, (name, variable)
+            assert variables[variable][1] == "", f"{variable} has a default"
+    assigned, named = env_example()
+    assert assigned["BIRDGEN_ADMIN_KEY"] == "" and "BIRDGEN_MANIFEST_PUBLIC_KEY" in named
 
 
 # -- the gateway image ---------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 What they pin down: both images start from the same NGC tritonserver release; no version is written in
 a Dockerfile (pyproject.toml is the one source, read through docker/pins.py); every folder the editable
 install maps is copied and not ignored; the server's entrypoint is the tested `birdgen entrypoint`, and
-the environment it sets is what that command reads.
+the environment it sets is what that command reads; every image runs as a numeric non-root user that
+owns what it writes.
 """
 
 from __future__ import annotations
@@ -116,3 +117,41 @@ def test_server_entrypoint_is_the_tested_command() -> None:
 def test_engines_are_never_committed() -> None:
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert "*.plan" in ignored
+
+
+def _user_and_writes(path: Path) -> tuple[str, str]:
+    """The image's final USER, and its RUN instructions joined (continuation lines too)."""
+    joined = re.sub(r"\\\n\s*", " ", path.read_text())
+    lines = joined.splitlines()
+    users = [line.split(None, 1)[1] for line in lines if line.startswith("USER ")]
+    assert users, f"{path.name} runs as root (no USER)"
+    return users[-1], " ".join(line for line in lines if line.startswith("RUN "))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "docker").glob("Dockerfile.*")), ids=lambda p: p.name)
+def test_every_image_runs_as_a_numeric_non_root_user(path: Path) -> None:
+    """Numeric, so Kubernetes' runAsNonRoot can check it without /etc/passwd; created in the image."""
+    user, runs = _user_and_writes(path)
+    match = re.fullmatch(r"(\d+):(\d+)", user)
+    assert match, f"{path.name}: USER {user} is not uid:gid"
+    uid, gid = match.groups()
+    assert int(uid) > 0 and int(gid) > 0, f"{path.name}: USER {user} is root"
+    assert f"--uid {uid}" in runs and f"--gid {gid}" in runs, f"{path.name}: user {user} is never created"
+    lines = path.read_text().splitlines()
+    last_user = max(i for i, line in enumerate(lines) if line.startswith("USER "))
+    assert not [ln for ln in lines[last_user:] if ln.startswith("RUN ")], "nothing builds as root after USER"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_server_and_export_users_own_what_they_write(name: str) -> None:
+    user, runs = _user_and_writes(DOCKERFILES[name])
+    env = " ".join(_instructions(name, "ENV"))
+    (home,) = re.findall(r"--home-dir (\S+)", runs)
+    assert f"HOME={home}" in env and "--create-home" in runs  # torch's and TensorRT's caches
+    assert f"chown {user} /models/repository" in runs  # the repository path an export writes
+    assert "BIRDGEN_MODEL_REPOSITORY=/models/repository" in env
+    # No bytecode beside the repository's model.py files (the entrypoint removes any it finds).
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    if name == "server":  # a new named volume takes the mount point's owner: chowned before VOLUME
+        text = _text(name)
+        assert text.index("chown 10001:10001 /models/repository") < text.index("VOLUME ")

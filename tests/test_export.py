@@ -16,6 +16,7 @@ from birdgen.engines.modules import stage_module
 from birdgen.export.exporter import export_repository
 from birdgen.manifest import verify_manifest
 from birdgen.model_folder import REQUIRED_PARTS, ModelDims, ModelFolderError, check_model_folder
+from birdgen.schema import LIMITS
 from birdgen.stages import image_sizes, stage_specs
 from birdgen.triton_config import parse_pbtxt, stage_config
 from tests.conftest import ENTRY_INSTANCES, EXPORT_OPTIONS
@@ -93,8 +94,12 @@ def test_configs_are_valid_triton_model_configs(repository: Path, tiny_model: Pa
         assert config.response_cache.enable == spec.cacheable == name.startswith("text_encoder")
         on_gpu = stage_config(spec, ModelDims.from_folder(tiny_model), {"backend": "python", "gpu": True})
         assert not on_gpu.response_cache.enable  # Triton caches CPU buffers; GPU outputs stay there
+        assert not config.dynamic_batching.HasField("default_queue_policy")  # only entries are bounded
     entry = parse_pbtxt((repository / "bird_image" / "config.pbtxt").read_text())
     assert entry.response_cache.enable and entry.instance_group[0].count == ENTRY_INSTANCES
+    for name in ("bird_image", "bird_animation", "bird_animation_stream"):  # limits.yaml's queue bound
+        queue = parse_pbtxt((repository / name / "config.pbtxt").read_text()).dynamic_batching
+        assert queue.default_queue_policy.max_queue_size == LIMITS.serving.max_queue_size
     stream = parse_pbtxt((repository / "bird_animation_stream" / "config.pbtxt").read_text())
     assert stream.model_transaction_policy.decoupled and not stream.response_cache.enable
     assert [o.name for o in stream.output][-1] == "progress"

@@ -18,6 +18,7 @@ from PIL import Image
 
 from birdgen.client import BirdClient
 from birdgen.media import read_animation
+from birdgen.schema import LIMITS
 from birdgen.server import free_port
 from tests.conftest import CLIP, ROBIN
 from tests.gateway_process import Gateway, running_gateway
@@ -80,18 +81,43 @@ def test_bad_fields_are_422_naming_the_field(
     assert detail["loc"] == ["body", field] and allowed in detail["allowed"] and repr(field) in detail["msg"]
 
 
+@pytest.mark.parametrize(
+    ("content", "field", "given"),
+    [
+        (b'{"species": "x", "width": NaN}', "width", None),  # NaN has no standard JSON spelling
+        (b'{"species": "x", "seed": -Infinity}', "seed", None),
+        (b'{"species": "Robin \\ud800"}', "species", "Robin \\ud800"),  # a lone surrogate, escaped
+        (b'{"\\udfff": 1}', "\\udfff", 1),
+        (b"[" * 50_000, "request", "(not JSON)"),  # past the JSON parser's recursion limit
+        (b'{"species": ' + b"1" * 5000 + b"}", "request", "(not JSON)"),  # past int()'s digit limit
+        (b'{"items": NaN}', "items", None),
+    ],
+    ids=["nan", "infinity", "surrogate-value", "surrogate-key", "deep", "digits", "batch-nan"],
+)
+def test_bodies_json_cannot_echo_are_still_422(
+    http: httpx.Client, content: bytes, field: str, given: object
+) -> None:
+    # Found by tests/test_fuzz.py: each was a 500 (or a reset connection) from encoding the 422 body.
+    path = "/api/v1/batch/images" if field == "items" else "/api/v1/generate/image"
+    response = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    (detail,) = response.json()["detail"]
+    assert detail["loc"] == ["body", field] and detail["input"] == given
+
+
 def test_not_json_and_oversized_bodies_then_still_serving(http: httpx.Client) -> None:
     broken = http.post(
         "/api/v1/generate/image", content=b"{not json", headers={"Content-Type": "application/json"}
     )
     assert broken.status_code == 422 and broken.json()["detail"][0]["loc"] == ["body", "request"]
-    huge = http.post("/api/v1/generate/image", json={**BODY, "prompt": "x" * 70_000})
+    # The bound is limits.yaml's (schema.LIMITS.max_body_bytes: a full batch of the largest requests).
+    huge = http.post("/api/v1/generate/image", json={**BODY, "prompt": "x" * LIMITS.max_body_bytes})
     assert huge.status_code == 413
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit counts what arrives
         yield b'{"prompt": "'
-        for _ in range(80):
-            yield b"y" * 1000
+        for _ in range(LIMITS.max_body_bytes // 2**16 + 1):
+            yield b"y" * 2**16
         yield b'"}'
 
     streamed = http.post(

@@ -209,6 +209,20 @@ def test_lone_surrogates_are_rejected_before_hashing() -> None:
     assert error.field == "species" and "Unicode" in error.allowed
 
 
+def test_prompts_are_one_printable_line_without_control_characters() -> None:
+    # Found by tests/test_fuzz.py: an override kept NULs, escapes and line breaks verbatim.
+    spaced = {"prompt": " a robin\n\ton a\r\n fence ", "negative_prompt": "a\u2028b"}
+    request = parse_image_request({**ROBIN, **spaced})
+    assert (request.prompt, request.negative_prompt) == ("a robin on a fence", "a b")
+    assert request == parse_image_request({**ROBIN, "prompt": "a robin on a fence", "negative_prompt": "a b"})
+    assert parse_image_request({**ROBIN, "prompt": "p " + " " * 2000 + "q"}).prompt == "p q"  # counted after
+    for text in ("robin\x00", "\x1b[31mred", "robin\x7f", "robin\x9b"):
+        for field in ("prompt", "negative_prompt"):
+            error = error_for({**ROBIN, field: text})
+            assert error.field == field and error.value == text and "control characters" in error.allowed
+    assert error_for({**ROBIN, "species": "Robin\x9b"}).field == "species"  # C1 controls, as in names
+
+
 def test_json_text_bytes_dict_and_instances_agree() -> None:
     request = ImageRequest(**ROBIN, pose="flying", seed=7)
     text = json.dumps({**ROBIN, "pose": "flying", "seed": 7})
