@@ -364,7 +364,10 @@ def test_compose_gateway_reaches_triton_and_redis() -> None:
 def test_every_compose_service_has_a_healthcheck() -> None:
     for name, service in SERVICES.items():
         test = service["healthcheck"]["test"]
-        assert test[0] == "CMD" and len(test) > 1, name
+        assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+    # A dead python-backend stub makes Triton unhealthy (its own endpoints stay 200).
+    for name in ("triton", "triton-cpu"):
+        assert SERVICES[name]["healthcheck"]["test"][1].startswith("birdgen check-stubs &&"), name
     assert SERVICES["triton"]["healthcheck"]["start_period"] == "3600s"  # a first start exports
 
 
@@ -711,7 +714,10 @@ def test_kubernetes_triton() -> None:
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # Live: no python-backend stub died (Triton neither restarts one nor says so) and Triton answers.
+    (shell, flag, script) = triton["livenessProbe"]["exec"]["command"]
+    assert (shell, flag) == ("sh", "-c") and script.startswith("birdgen check-stubs &&")
+    assert healthcheck_url([script]) == f"http://127.0.0.1:{ports['http']}/v2/health/live"
     startup = triton["startupProbe"]
     assert (
         startup["httpGet"]["path"] == "/v2/health/ready"
