@@ -196,7 +196,7 @@ def test_a_call_made_while_the_server_restarts_is_answered_after_it_and_gateway_
     with BirdClient(server.grpc_url) as client:
         before = client.generate_image(**request)
     with running_gateway(server.grpc_url, redis_url, tmp_path) as gateway, gateway.client() as http:
-        server.stop()
+        assert server.stop() == 0 and server.pid is None  # a clean stop: every model unloaded
         down = http.get("/health")
         assert down.status_code == 503 and down.json()["triton"]["ready"] is False
         with BirdClient(server.grpc_url, deadline_s=2.0) as client, pytest.raises(BirdgenError) as short:

@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException
 from birdgen.client import BirdClient, InvalidRequestError, ServerUnavailableError
 from birdgen.media import DIGITAL_SOURCE_TYPE, read_metadata
 from birdgen.schema import ImageRequest
-from birdgen.server import TritonServer, free_port
-from tests.conftest import IMAGE_MODELS, ROBIN
+from birdgen.server import free_port
+from tests.conftest import ROBIN
 from tests.triton_stats import cache_hits, inferences_and_executions
 
 pytestmark = pytest.mark.triton
@@ -154,18 +154,6 @@ def test_expert_prompt_override_is_used_verbatim(server) -> None:
         image = client.generate_image(**ROBIN, prompt="a robin on a fence", negative_prompt="cats")
     assert image.metadata["prompt"] == "a robin on a fence"
     assert image.metadata["negative_prompt"] == "cats"
-
-
-def test_server_restarts_cleanly_and_serves_the_same_bytes(repository) -> None:
-    server = TritonServer(repository, model_control="explicit", load_models=IMAGE_MODELS)
-    request = {**ROBIN, "seed": 99}
-    with server:
-        first = BirdClient(server.grpc_url).generate_image(**request).data
-    assert server.returncode == 0 and server.pid is None
-    with server:
-        second = BirdClient(server.grpc_url).generate_image(**request).data
-    assert server.returncode == 0
-    assert first == second
 
 
 def test_repeated_request_is_answered_from_tritons_response_cache(server) -> None:
