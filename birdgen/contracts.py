@@ -44,6 +44,12 @@ SIGNING_KEY = "manifest-signing.key"
 PUBLIC_KEY = "manifest-signing.pub"
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")  # the two CLIP tokenizers, diffusers folder names
 MOTION_ADAPTER = "motion_adapter"  # model folder: the AnimateDiff motion adapter
+CONTROLNET_KINDS = ("openpose", "depth")  # request order, the order of diffusers' MultiControlNetModel
+
+
+def controlnet_folder(kind: str) -> str:
+    """The folder of a `kind` ControlNet inside a model folder (the tiny model writes both there)."""
+    return f"controlnet-{kind}"
 
 
 def family_model(family: str, base: str = BASE_UNET) -> str:

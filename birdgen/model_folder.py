@@ -3,7 +3,9 @@
 `ModelDims` reads only the JSON configs (no torch), so export, config generation and the serving
 models agree on tensor shapes without loading weights. `load_part` loads one component with the
 library class named in model_index.json, from safetensors only: pickle weights (*.bin, ...) are
-refused, since loading them can run code (docs/security.md).
+refused, since loading them can run code (docs/security.md). ControlNets are separate folders (the tiny
+model writes two inside its own, real ones are downloads such as diffusers/controlnet-depth-sdxl-1.0):
+`check_controlnet` holds one against the UNet and VAE it will run with, from the configs alone.
 """
 
 from __future__ import annotations
@@ -40,8 +42,27 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_model_folder(model_dir: Path) -> dict[str, Any]:
-    """Validate the layout and return model_index.json; raise ModelFolderError naming what is missing."""
+# ControlNet config keys that must equal the UNet's: they fix the residuals' channels, count and the
+# added embedding's input. The depths (transformer_layers_per_block) may differ: real SDXL ControlNets
+# can be slimmer than their UNet, and the residual shapes do not depend on them.
+CONTROLNET_MATCHES_UNET = (
+    "in_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+)
+# ControlNetModel's constructor defaults for the checked keys a config.json may leave out.
+_CONTROLNET_DEFAULTS: dict[str, Any] = {"conditioning_channels": 3, "global_pool_conditions": False}
+
+
+def check_model_folder(model_dir: Path, controlnet: Path | None = None) -> dict[str, Any]:
+    """Validate the layout and return model_index.json; raise ModelFolderError naming what is missing.
+
+    With `controlnet` (a ControlNetModel folder), also check that it fits this folder's UNet and VAE.
+    """
     model_dir = Path(model_dir)
     index_path = model_dir / "model_index.json"
     if not index_path.is_file():
@@ -56,7 +77,59 @@ def check_model_folder(model_dir: Path) -> dict[str, Any]:
             raise ModelFolderError(f"{model_dir}: part '{part}' is missing ({part}/{marker} not found)")
     for part in WEIGHT_PARTS:
         check_safetensors(model_dir / part, f"{model_dir}: part '{part}'")
+    if controlnet is not None:
+        check_controlnet(controlnet, model_dir)
     return index
+
+
+def check_controlnet(path: Path, model_dir: Path) -> dict[str, Any]:
+    """Return the ControlNet config at `path`; raise ModelFolderError naming every key (with both values)
+    that does not fit the UNet and VAE of `model_dir`, or weights that are not safetensors."""
+    path, model_dir = Path(path), Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(
+            f"no ControlNet at {path} (a diffusers ControlNetModel folder with config.json)"
+        )
+    config = _read_json(path / "config.json")
+    if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise ModelFolderError(
+            f"ControlNet {path}: config.json is a {config['_class_name']}, not a ControlNetModel"
+        )
+    unet = _read_json(model_dir / "unet" / "config.json")
+    vae = _read_json(model_dir / "vae" / "config.json")
+    expected = {key: unet.get(key) for key in CONTROLNET_MATCHES_UNET} | _CONTROLNET_DEFAULTS
+    actual = {key: config.get(key, _CONTROLNET_DEFAULTS.get(key)) for key in expected}
+    wrong = [
+        f"{key}: controlnet {actual[key]!r}, expected {want!r}"
+        for key, want in expected.items()
+        if actual[key] != want
+    ]
+    down = len(config.get("down_block_types", ()))
+    if down != len(unet["down_block_types"]):
+        wrong.append(f"len(down_block_types): controlnet {down}, unet {len(unet['down_block_types'])}")
+    embedding = config.get("conditioning_embedding_out_channels") or []
+    if len(embedding) != len(vae["block_out_channels"]):
+        wrong.append(
+            f"conditioning_embedding_out_channels: controlnet {embedding} downsamples by "
+            f"{2 ** max(len(embedding) - 1, 0)}, the VAE by {2 ** (len(vae['block_out_channels']) - 1)} "
+            "(the embedding must land on the latent grid)"
+        )
+    if wrong:
+        raise ModelFolderError(f"ControlNet {path} does not fit the UNet of {model_dir}: " + "; ".join(wrong))
+    check_safetensors(path, f"ControlNet {path}")
+    return config
+
+
+def load_controlnet(path: Path, model_dir: Path) -> Any:
+    """A diffusers ControlNetModel folder, checked against `model_dir` (check_controlnet), in fp32."""
+    import torch
+    from diffusers import ControlNetModel
+
+    check_controlnet(path, model_dir)
+    variant = _weights_variant(Path(path))
+    extra = {"variant": variant} if variant else {}
+    model = ControlNetModel.from_pretrained(path, torch_dtype=torch.float32, use_safetensors=True, **extra)
+    return model.eval()
 
 
 def check_safetensors(folder: Path, what: str) -> None:

@@ -3,9 +3,10 @@
 No model hub is reachable here, so tests, the demo and the benchmarks build this folder instead of
 downloading stabilityai/sdxl-turbo. It has every part the real one has (two CLIP tokenizers with a BPE
 vocab generated locally, CLIPTextModel, CLIPTextModelWithProjection, a `text_time` UNet, an 8x VAE,
-the Euler-ancestral scheduler config sdxl-turbo ships, and an AnimateDiff motion adapter), so the real
-weights go through the same code. Presets (data/model_presets.yaml): `tiny` for the tests, `mini`
-for CPU benchmarks, `sdxl-full` with sdxl-turbo's own configs, whose timings are the real model's.
+the Euler-ancestral scheduler config sdxl-turbo ships, an AnimateDiff motion adapter, and an openpose
+and a depth ControlNet), so the real weights go through the same code. Presets
+(data/model_presets.yaml): `tiny` for the tests, `mini` for CPU benchmarks, `sdxl-full` with
+sdxl-turbo's own configs, whose timings are the real model's.
 """
 
 from __future__ import annotations
@@ -19,12 +20,51 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-from birdgen.contracts import MOTION_ADAPTER
+from birdgen.contracts import CONTROLNET_KINDS, MOTION_ADAPTER, controlnet_folder
 from birdgen.prompts import DATA_DIR, PromptLibrary, load_data_file
 
 SEED = 20261125
 MAX_TOKENS = 77
 PRESETS_FILE = DATA_DIR / "model_presets.yaml"
+# The UNet config keys a ControlNet copies (diffusers' ControlNetModel.from_unet passes these);
+# the preset's `controlnet` mapping adds the conditioning embedding and may override the depths.
+CONTROLNET_UNET_KEYS = (
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "transformer_layers_per_block",
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "class_embed_type",
+    "num_class_embeds",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim",
+    "mid_block_type",
+)
+# diffusers zero-initialises these (zero_module), so a fresh ControlNet's residuals are exactly 0 and a
+# parity test on it would pass with the ControlNet ignored; the tiny nets re-draw them.
+CONTROLNET_ZERO_PARTS = (
+    "controlnet_down_blocks.",
+    "controlnet_mid_block.",
+    "controlnet_cond_embedding.conv_out.",
+)
+CONTROLNET_REDRAW_STD = 0.02
 
 # The scheduler config of stabilityai/sdxl-turbo (scheduler/scheduler_config.json).
 TURBO_SCHEDULER = {
@@ -147,6 +187,7 @@ class ModelPreset(BaseModel):
     unet: dict[str, Any]
     vae: dict[str, Any]
     motion_adapter: dict[str, Any]
+    controlnet: dict[str, Any]
 
     @model_validator(mode="after")
     def _parts_fit_together(self) -> ModelPreset:
@@ -166,6 +207,13 @@ class ModelPreset(BaseModel):
             )
         if self.motion_adapter["block_out_channels"] != self.unet["block_out_channels"]:
             raise ValueError("motion_adapter.block_out_channels must equal unet.block_out_channels")
+        embedding = self.controlnet["conditioning_embedding_out_channels"]
+        if len(embedding) != len(self.vae["block_out_channels"]):
+            raise ValueError(
+                f"controlnet.conditioning_embedding_out_channels {embedding} must have as many entries as "
+                f"vae.block_out_channels ({len(self.vae['block_out_channels'])}): the embedding downsamples "
+                "the control image by the VAE's factor onto the latent grid"
+            )
         return self
 
 
@@ -210,11 +258,19 @@ def write_tiny_model(out: Path, seed: int = SEED, preset: str = "tiny") -> Path:
     text_encoder.eval().save_pretrained(out / "text_encoder")
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config.text_encoder_2, **common))
     text_encoder_2.eval().save_pretrained(out / "text_encoder_2")
-    UNet2DConditionModel(**config.unet).save_pretrained(out / "unet")
+    unet = UNet2DConditionModel(**config.unet)
+    unet.save_pretrained(out / "unet")
     AutoencoderKL(**config.vae).save_pretrained(out / "vae")
     # AnimateDiff's SDXL motion module is a separate download (not part of sdxl-turbo); this one sits
     # beside the parts, where `birdgen export` looks for it by default.
     MotionAdapter(**config.motion_adapter).save_pretrained(out / MOTION_ADAPTER)
+
+    # Separate downloads too (e.g. diffusers/controlnet-depth-sdxl-1.0), not in model_index.json. Each
+    # under its own seed, built last so the parts above keep their bytes.
+    for offset, kind in enumerate(CONTROLNET_KINDS, start=1):
+        build_controlnet(unet.config, config.controlnet, seed + offset).save_pretrained(
+            out / controlnet_folder(kind)
+        )
 
     EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER).save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(
@@ -238,3 +294,22 @@ def write_tiny_model(out: Path, seed: int = SEED, preset: str = "tiny") -> Path:
         )
     )
     return out
+
+
+def build_controlnet(unet_config: Any, overrides: dict[str, Any], seed: int) -> Any:
+    """A random-weight ControlNetModel fitting a UNet of `unet_config`, residuals not zero.
+
+    Nothing is copied from the UNet: its own weights under `seed`, then the zero-initialised output
+    layers (CONTROLNET_ZERO_PARTS) re-drawn from N(0, CONTROLNET_REDRAW_STD^2) with the same seed.
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel(**{key: unet_config[key] for key in CONTROLNET_UNET_KEYS} | overrides)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(CONTROLNET_ZERO_PARTS):
+                param.copy_(torch.randn(param.shape, generator=generator) * CONTROLNET_REDRAW_STD)
+    return controlnet.eval()

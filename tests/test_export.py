@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from birdgen.contracts import MANIFEST
+from birdgen.contracts import CONTROLNET_KINDS, MANIFEST, controlnet_folder
 from birdgen.engines import engine_kind
 from birdgen.engines.modules import stage_module
 from birdgen.export.exporter import export_repository
@@ -42,7 +42,9 @@ def test_tiny_model_is_reproducible(tiny_model: Path, tmp_path: Path) -> None:
     from birdgen.tiny_model import write_tiny_model
 
     again = write_tiny_model(tmp_path / "again")
-    for rel in ("unet/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+    weights = ["unet", *(controlnet_folder(kind) for kind in CONTROLNET_KINDS)]
+    rels = [f"{part}/diffusion_pytorch_model.safetensors" for part in weights]
+    for rel in (*rels, "tokenizer/vocab.json", "tokenizer/merges.txt"):
         assert (again / rel).read_bytes() == (tiny_model / rel).read_bytes()
 
 
