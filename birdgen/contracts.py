@@ -32,6 +32,8 @@ STREAM_OUTPUTS = (*ANIMATION_OUTPUTS, PROGRESS)
 # Stage models that the entries route between.
 BASE_UNET = "unet"
 MOTION_UNET = "motion_unet"
+# The UNet that takes ControlNet residuals (not "unet_controlled": family_of would read a family).
+CONTROLLED_UNET = "controlled_unet"
 
 # Files of an exported repository.
 MANIFEST = "manifest.json"  # repository root: every file's SHA-256, the engine, the entries
@@ -52,14 +54,19 @@ def controlnet_folder(kind: str) -> str:
     return f"controlnet-{kind}"
 
 
+def controlnet_model(kind: str) -> str:
+    """Triton model name of a `kind` ControlNet stage (its residuals feed CONTROLLED_UNET)."""
+    return f"controlnet_{kind}"
+
+
 def family_model(family: str, base: str = BASE_UNET) -> str:
     """Triton model name of a family's fused UNet (`base` = motion_unet: its AnimateDiff twin)."""
     return f"{base}_{family.lower()}"
 
 
 def family_of(model: str) -> str | None:
-    """The family suffix of a family UNet's model name (unet_x or motion_unet_x), else None."""
-    for base in (MOTION_UNET, BASE_UNET):
+    """The family suffix of a family UNet's model name (unet_x, motion_unet_x, controlled_unet_x) or None."""
+    for base in (MOTION_UNET, CONTROLLED_UNET, BASE_UNET):
         if model.startswith(f"{base}_"):
             return model[len(base) + 1 :]
     return None
