@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
-from birdgen.contracts import ANIMATION_MODEL, MANIFEST, MANIFEST_SIGNATURE
+from birdgen.contracts import ANIMATION_MODEL, CONTROLNET_KINDS, MANIFEST, MANIFEST_SIGNATURE
 from birdgen.schema import AnimationRequest, ImageRequest
 
 DEFAULT_REPO = Path("outputs/model_repository")
@@ -56,12 +56,14 @@ def _export(args: argparse.Namespace) -> int:
         args.out,
         engine=args.engine,
         device=args.device,
-        loras=dict(_family_lora(value) for value in args.lora),
+        loras=dict(_key_path("--lora", value) for value in args.lora),
         motion_adapter=args.motion_adapter,
         max_frames=args.max_frames,
+        controlnets=dict(_key_path("--controlnet", value) for value in args.controlnet),
         entry_instances=args.entry_instances,
         force=args.force,
         signing_key=args.signing_key or signing_key_from_env(),
+        jobs=args.jobs,
     )
     print(
         f"model repository {args.out} ready: model_version {manifest['model_version']}, "
@@ -81,11 +83,19 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _family_lora(value: str) -> tuple[str, Path]:
-    family, sep, path = value.partition("=")
-    if not sep or not family or not path:
-        raise ValueError(f"--lora takes FAMILY=PATH, got {value!r}")
-    return family, Path(path)
+def _key_path(option: str, value: str) -> tuple[str, Path]:
+    """`--lora FAMILY=PATH`, `--controlnet KIND=PATH`."""
+    key, sep, path = value.partition("=")
+    if not sep or not key or not path:
+        raise ValueError(f"{option} takes NAME=PATH, got {value!r}")
+    return key, Path(path)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return number
 
 
 def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -333,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="re-export stages even when up to date")
     p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="stages built at once, each in its own process (default 1: each holds its model, and an "
+        "ONNX export of a real SDXL UNet takes tens of GB)",
+    )
+    p.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -343,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--motion-adapter",
         type=Path,
         help="AnimateDiff SDXL motion adapter folder (default: MODEL_DIR/motion_adapter when present)",
+    )
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="KIND=PATH",
+        help=f"a diffusers SDXL ControlNet folder, KIND one of {', '.join(CONTROLNET_KINDS)} "
+        "(default: MODEL_DIR/controlnet-KIND where present); repeat per kind",
     )
     p.add_argument(
         "--max-frames",

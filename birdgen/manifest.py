@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from birdgen.contracts import IMAGE_MODEL, MANIFEST, MANIFEST_SIGNATURE, TARGET_FILE
+from birdgen.contracts import (
+    CONTROLLED_UNET,
+    IMAGE_MODEL,
+    MANIFEST,
+    MANIFEST_SIGNATURE,
+    TARGET_FILE,
+    controlnet_model,
+)
 from birdgen.signing import PUBLIC_KEY_ENV, SIGNING_KEY_ENV, SignatureError, verify
 
 # Files of a repository that the manifest does not list: itself, its signature (made from it), and
@@ -57,13 +64,18 @@ def read_manifest(repo: Path) -> dict[str, Any]:
 
 
 def core_models(repository: Path) -> list[str]:
-    """The models a server loads at start: the entry models and the base stages (family UNets load on use)."""
+    """The models a server loads at start: the entry models and the base stages. Family UNets and the
+    ControlNet stages load on first use, so a server without that traffic holds no memory for them."""
     manifest = read_manifest(repository)
     if not manifest:
         raise FileNotFoundError(
             f"{repository} has no {MANIFEST}: export a model into it first (birdgen export)"
         )
-    return [*manifest.get("entries", [IMAGE_MODEL]), *manifest["stages"]]
+    on_use = {*map(controlnet_model, manifest.get("controlnets", ())), CONTROLLED_UNET}
+    return [
+        *manifest.get("entries", [IMAGE_MODEL]),
+        *(name for name in manifest["stages"] if name not in on_use),
+    ]
 
 
 def verify_manifest(repo: Path, manifest: dict[str, Any] | None = None) -> list[str]:

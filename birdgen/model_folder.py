@@ -160,6 +160,10 @@ class ModelDims:
     unet_levels: int
     vocab_size: int
     time_ids_dim: int = 6
+    # The UNet's block_out_channels and layers_per_block: they fix the ControlNet residuals
+    # (stages.control_residuals). Empty/0 in manifests written before ControlNets (re-export to serve them).
+    unet_channels: tuple[int, ...] = ()
+    unet_layers: int = 0
 
     @property
     def cross_attention_dim(self) -> int:
@@ -170,12 +174,13 @@ class ModelDims:
         """Image sizes must be multiples of this: VAE factor times the UNet's downsampling."""
         return self.vae_scale_factor * 2 ** (self.unet_levels - 1)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, int]) -> ModelDims:
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any]) -> ModelDims:
+        """From to_dict's output, also after a JSON round trip (lists back into tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     @classmethod
     def from_folder(cls, model_dir: Path) -> ModelDims:
@@ -186,6 +191,12 @@ class ModelDims:
         unet = _read_json(model_dir / "unet" / "config.json")
         vae = _read_json(model_dir / "vae" / "config.json")
         tok = _read_json(model_dir / "tokenizer" / "tokenizer_config.json")
+        layers = unet.get("layers_per_block", 2)  # diffusers' default
+        if not isinstance(layers, int):
+            raise ModelFolderError(
+                f"{model_dir}: unet layers_per_block {layers!r} is a per-level list; birdgen needs one "
+                "number of layers for every level (SDXL's config has 2)"
+            )
         dims = cls(
             max_tokens=int(tok.get("model_max_length", te.get("max_position_embeddings", 77))),
             text_hidden=int(te["hidden_size"]),
@@ -195,6 +206,8 @@ class ModelDims:
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
             unet_levels=len(unet["block_out_channels"]),
             vocab_size=int(te["vocab_size"]),
+            unet_channels=tuple(int(c) for c in unet["block_out_channels"]),
+            unet_layers=layers,
         )
         if unet.get("cross_attention_dim") != dims.cross_attention_dim:
             raise ModelFolderError(

@@ -10,6 +10,7 @@ The two requests share every field they have in common: each is declared and val
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
@@ -30,6 +31,8 @@ from pydantic import (
 )
 
 from birdgen.catalogue import Catalogue
+from birdgen.contracts import CONTROLNET_KINDS
+from birdgen.control import ControlSettings
 from birdgen.eink_panels import DITHERS, FITS
 from birdgen.eink_panels import PRESETS as EINK_PRESETS
 from birdgen.prompts import DATA_DIR, FIELDS, PromptLibrary, load_data_file
@@ -46,6 +49,12 @@ EINK_FIELDS = ("eink_panel", "eink_palette", "eink_dither", "eink_fit")
 EINK_SOURCE_FORMAT = "png"  # lossless: the panel picture is the same wherever it is rendered
 # Fields that choose how a result is delivered, not what is drawn: left out of the derived seed.
 OUTPUT_CHOICES = ("format", "poster_frame", *EINK_FIELDS)
+# Left out of the derived seed as well: ControlNet guidance steers the scene's own noise, so adding
+# control (or a scale-0 control) keeps the seed of the uncontrolled twin.
+SEEDLESS_FIELDS = (*OUTPUT_CHOICES, "control")
+# Room in a controlled request for one kind's JSON around its base64 image (the field names, the
+# source key, scale, start and end): Limits.max_controlled_request_bytes.
+_CONTROL_JSON_BYTES = 256
 # Bounds of a request's JSON (Limits.max_request_json_bytes): bytes per character of text at most
 # (a surrogate pair of \uXXXX escapes) and room for everything that is not free text.
 _JSON_BYTES_PER_CHAR = 12
@@ -166,13 +175,61 @@ class InputImageLimits(_Strict):
     max_pixels: int = Field(ge=1)
     formats: list[str] = Field(min_length=1)
 
+    @property
+    def max_base64_chars(self) -> int:
+        """The longest base64 text that can decode to max_bytes (3 bytes in 4 characters)."""
+        return 4 * -(-self.max_bytes // 3)
+
+
+class ControlKindLimits(_Strict):
+    """One ControlNet kind: the conditioning scale a request gets when it names none."""
+
+    scale_default: float
+
+
+class ControlLimits(_Strict):
+    """The `control` section: the ControlNet kinds a request may name, and each setting's range.
+
+    The kinds are contracts.CONTROLNET_KINDS, in that order (the order nets run and residuals are
+    summed in). start and end bound the fraction of the steps a net runs on, within diffusers'
+    0 <= start < end <= 1.
+    """
+
+    kinds: dict[str, ControlKindLimits]
+    scale: NumberRange
+    start: DefaultedNumberRange
+    end: DefaultedNumberRange
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlLimits:
+        if tuple(self.kinds) != CONTROLNET_KINDS:
+            raise ValueError(
+                f"kinds must be {', '.join(CONTROLNET_KINDS)} in that order (contracts.CONTROLNET_KINDS), "
+                f"got {', '.join(self.kinds) or 'none'}"
+            )
+        for kind, limits in self.kinds.items():
+            if not self.scale.contains(limits.scale_default):
+                raise ValueError(
+                    f"kinds.{kind}.scale_default {limits.scale_default} is outside {self.scale.describe()}"
+                )
+        if self.start.min < 0 or self.end.max > 1:
+            raise ValueError("start and end must lie within 0..1 (fractions of the steps)")
+        if self.start.default >= self.end.default:
+            raise ValueError(
+                f"start.default {self.start.default} must be below end.default {self.end.default}"
+            )
+        return self
+
 
 class BatchLimits(_Strict):
     max_items: int = Field(ge=1)
 
 
 class ServingLimits(_Strict):
-    """The server side's bounds: request message size and each entry model's queue."""
+    """The server side's bounds: request message size and each entry model's queue.
+
+    max_request_bytes must hold the largest controlled request (Limits.max_controlled_request_bytes,
+    checked at load)."""
 
     max_request_bytes: int = Field(ge=1024)
     max_queue_size: int = Field(ge=1)
@@ -187,8 +244,19 @@ class Limits(_OutputLimits):
     max_length: MaxLength
     animation: AnimationLimits
     input_image: InputImageLimits
+    control: ControlLimits
     batch: BatchLimits
     serving: ServingLimits
+
+    @model_validator(mode="after")
+    def _controlled_request_fits(self) -> Limits:
+        if self.max_controlled_request_bytes > self.serving.max_request_bytes:
+            raise ValueError(
+                f"serving.max_request_bytes {self.serving.max_request_bytes} is below the largest "
+                f"controlled image request, {self.max_controlled_request_bytes} bytes (the JSON plus "
+                f"{len(self.control.kinds)} base64 input images of input_image.max_bytes)"
+            )
+        return self
 
     @classmethod
     def load(cls, path: Path | None = None) -> Limits:
@@ -210,6 +278,16 @@ class Limits(_OutputLimits):
         valid requests, and never more than serving.max_request_bytes. With the bundled limits
         100 x 31,264 = 3,126,400 bytes (3 MiB): every valid request fits, unless padded with whitespace."""
         return min(self.serving.max_request_bytes, self.batch.max_items * self.max_request_json_bytes)
+
+    @property
+    def max_controlled_request_bytes(self) -> int:
+        """The most bytes a valid image request with a control image for every kind needs: the JSON
+        bound above plus, per kind, the longest base64 image (input_image.max_bytes encoded) and 256
+        bytes for its settings. With the bundled limits 31,264 + 2 x (11,184,812 + 256) = 22,401,400
+        bytes, within serving.max_request_bytes (a validator keeps it so). A control template's
+        settings fit the JSON bound's 4 KiB of room, so batches (templates only) keep max_body_bytes."""
+        per_kind = self.input_image.max_base64_chars + _CONTROL_JSON_BYTES
+        return self.max_request_json_bytes + len(self.control.kinds) * per_kind
 
 
 def _frame_count(duration_seconds: float, fps: int) -> int | None:
@@ -291,6 +369,8 @@ class _Request(BaseModel):
         if field in EINK_FIELDS:
             names, note = _eink_names(field.removeprefix("eink_"), None)
             return f"with format {EINK}: {', '.join(names)}{note}; with any other format: null"
+        if field == "control" or field.startswith("control."):
+            return _control_allowed(field)
         if field in FIELDS:
             return ", ".join(VOCABULARY.allowed(field))
         return f"the fields {', '.join(cls.model_fields)}"
@@ -389,24 +469,49 @@ class _Request(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """Every field, normalised and JSON-ready: what a client sends.
 
-        The e-ink options are left out unless the format is eink (they are null then), so every
-        other request keeps the canonical form, cache key and file metadata it had before they existed.
+        The e-ink options are left out unless the format is eink (they are null then), and `control`
+        unless the request has ControlNet guidance (then with its images, base64, and its defaults
+        filled in), so every other request keeps the canonical form, cache key and file metadata it
+        had before they existed.
         """
-        return self.model_dump(mode="json", exclude=None if self.format == EINK else set(EINK_FIELDS))
+        return self._as_dict(canonical=False)
+
+    def to_json(self) -> str:
+        """to_dict as compact JSON: the text to send. It equals canonical_json() unless the request
+        carries a control image, which only this text holds."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     def canonical_json(self) -> str:
-        """The request as one canonical string: equal requests give equal text (cache keys, seeds)."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        """The request as one canonical string: equal requests give equal text (cache keys, seeds).
+
+        A control image appears as the SHA-256 and size of its decoded bytes, so cache keys and the
+        metadata embedded in files never carry the picture.
+        """
+        return json.dumps(
+            self._as_dict(canonical=True), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+
+    def _as_dict(self, *, canonical: bool) -> dict[str, Any]:
+        exclude = {"control"} if self.format == EINK else {"control", *EINK_FIELDS}
+        data = self.model_dump(mode="json", exclude=exclude)
+        control: Control | None = getattr(self, "control", None)
+        if control is not None:
+            data["control"] = control.as_dict(canonical=canonical)
+        return data
 
     def resolved_seed(self) -> int:
         """The seed, or one derived from the request so a repeated request gives the same result.
 
         The output choices are left out: the PNG and the WebP of one request show the same picture
-        (the WebP and the GIF of one animation, with any poster frame, the same frames).
+        (the WebP and the GIF of one animation, with any poster frame, the same frames). So is
+        `control`: guidance steers the scene's own noise, and a scale-0 request draws exactly its
+        uncontrolled twin.
         """
         if self.seed is not None:
             return self.seed
-        picture = {k: v for k, v in self.to_dict().items() if k != "seed" and k not in OUTPUT_CHOICES}
+        picture = {
+            k: v for k, v in self._as_dict(canonical=True).items() if k != "seed" and k not in SEEDLESS_FIELDS
+        }
         text = json.dumps(picture, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         digest = hashlib.sha256(text.encode("utf-8"))
         return int.from_bytes(digest.digest()[:8], "big") & _SEED_MASK
@@ -467,6 +572,196 @@ class _Overrides(_Request):
     negative_prompt: str | None = None
 
 
+class ControlSource(BaseModel):
+    """One ControlNet kind of an image request, as validated: its source (a vocabulary pose to draw,
+    or a client's base64 image with the SHA-256 and size of its bytes) and its settings, defaults
+    filled in. Built by the request's `control` validator, which names each bad field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    template: str | None = None
+    image: str | None = Field(default=None, repr=False)  # up to ~11 MB of base64: kept out of reprs
+    image_sha256: str | None = None
+    image_bytes: int | None = None
+    scale: float
+    start: float
+    end: float
+
+    def as_dict(self, *, canonical: bool) -> dict[str, Any]:
+        """The JSON form: the image itself, or (`canonical`) its digest and size; then the settings."""
+        if self.template is not None:
+            source: dict[str, Any] = {"template": self.template}
+        elif canonical:
+            source = {"image_sha256": self.image_sha256, "image_bytes": self.image_bytes}
+        else:
+            source = {"image": self.image}
+        return {**source, "scale": self.scale, "start": self.start, "end": self.end}
+
+
+class Control(BaseModel):
+    """An image request's ControlNet guidance: one optional ControlSource per kind (CONTROLNET_KINDS)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    openpose: ControlSource | None = None
+    depth: ControlSource | None = None
+
+    def sources(self) -> list[tuple[str, ControlSource]]:
+        """(kind, source) of each kind given, in CONTROLNET_KINDS order."""
+        return [(kind, source) for kind in CONTROLNET_KINDS if (source := getattr(self, kind)) is not None]
+
+    def as_dict(self, *, canonical: bool) -> dict[str, Any]:
+        return {kind: source.as_dict(canonical=canonical) for kind, source in self.sources()}
+
+
+if tuple(Control.model_fields) != CONTROLNET_KINDS:  # pragma: no cover - a contracts edit without this one
+    raise RuntimeError(f"schema.Control's fields must be contracts.CONTROLNET_KINDS {CONTROLNET_KINDS}")
+
+_CONTROL_SETTINGS = ("image", "template", "scale", "start", "end")
+_BASE64 = "base64 (standard alphabet, no line breaks)"
+
+
+def _control_allowed(field: str) -> str:
+    """What a `control` field accepts, in words (field: control, control.<kind> or control.<kind>.<key>)."""
+    parts = field.split(".")
+    if len(parts) == 1:
+        return (
+            f"null, or an object mapping ControlNet kinds ({', '.join(CONTROLNET_KINDS)}) to their "
+            "settings {image or template, scale, start, end}"
+        )
+    kind = parts[1]
+    if kind not in CONTROLNET_KINDS:
+        return f"the ControlNet kinds {', '.join(CONTROLNET_KINDS)}, each at most once"
+    limits, key = LIMITS.control, parts[2] if len(parts) > 2 else None
+    if key is None:
+        return (
+            "null, or an object with exactly one of image (a base64 PNG or JPEG) or template (a pose: "
+            f"{', '.join(VOCABULARY.allowed('pose'))}), and optionally scale, start and end"
+        )
+    if key == "image":
+        images = LIMITS.input_image
+        formats = " or ".join(f.upper() for f in images.formats)
+        return (
+            f"{_BASE64} of a {formats} image of at most {images.max_bytes} bytes "
+            f"({images.max_base64_chars} characters), or null with a template"
+        )
+    if key == "template":
+        return f"a pose: {', '.join(VOCABULARY.allowed('pose'))}; or null with an image"
+    if key == "scale":
+        return f"{limits.scale.describe()}, or null for {limits.kinds[kind].scale_default:g}"
+    if key == "start":
+        return f"{limits.start.describe()} below end, or null for {limits.start.default:g}"
+    if key == "end":
+        return f"{limits.end.describe()} above start, or null for {limits.end.default:g}"
+    return f"the fields {', '.join(_CONTROL_SETTINGS)}"
+
+
+def _parse_control(value: object) -> Control | None:
+    """The `control` field from what a client sent; RequestError naming the nested field else.
+
+    Kinds match ignoring case and outer spaces; a kind given as null is absent, and a control with
+    no kind left is null (the uncontrolled request)."""
+    if value is None or isinstance(value, Control):
+        return value
+    if not isinstance(value, Mapping):
+        raise RequestError("control", value, _control_allowed("control"))
+    sources: dict[str, ControlSource] = {}
+    for key, setting in value.items():
+        kind = key.strip().lower() if isinstance(key, str) else None
+        if kind not in CONTROLNET_KINDS or kind in sources:  # unknown, or twice ("depth", "Depth")
+            raise RequestError(f"control.{_key(key)}", _short(setting), _control_allowed("control.*"))
+        if setting is not None:
+            sources[kind] = _control_source(kind, setting)
+    return Control(**sources) if sources else None
+
+
+def _control_source(kind: str, value: object) -> ControlSource:
+    """One kind's settings, checked field by field (the source, then scale, start, end), defaults
+    filled in. An empty image or template string means null, as for other optional strings."""
+    prefix = f"control.{kind}"
+    if isinstance(value, ControlSource):
+        return value
+    if not isinstance(value, Mapping):
+        raise RequestError(prefix, _short(value), _control_allowed(prefix))
+    for key in value:
+        if key not in _CONTROL_SETTINGS:
+            raise RequestError(f"{prefix}.{_key(key)}", _short(value[key]), _control_allowed(f"{prefix}.*"))
+    image, template = (
+        None if isinstance(v, str) and not v.strip() else v
+        for v in (value.get("image"), value.get("template"))
+    )
+    if (image is None) == (template is None):
+        raise RequestError(prefix, {k: _short(v) for k, v in value.items()}, _control_allowed(prefix))
+    source: dict[str, Any]
+    if template is not None:
+        source = {"template": _control_template(prefix, template)}
+    else:
+        data = _control_image(prefix, image)
+        source = {"image": image, "image_sha256": hashlib.sha256(data).hexdigest(), "image_bytes": len(data)}
+    limits = LIMITS.control
+    scale = _control_number(
+        prefix, "scale", value.get("scale"), limits.kinds[kind].scale_default, limits.scale
+    )
+    start = _control_number(prefix, "start", value.get("start"), limits.start.default, limits.start)
+    end = _control_number(prefix, "end", value.get("end"), limits.end.default, limits.end)
+    if start >= end:  # name the one the client gave (end when both), with the other's value
+        key, got, other = (
+            ("end", end, f"start is {start:g}")
+            if value.get("end") is not None
+            else ("start", start, f"end is {end:g}")
+        )
+        field = f"{prefix}.{key}"
+        raise RequestError(field, got, f"{_control_allowed(field)} (here {other})")
+    return ControlSource(**source, scale=scale, start=start, end=end)
+
+
+def _short(value: object) -> object:
+    """A value to show in an error: long text (a base64 image) as its length, never the text."""
+    return f"{len(value)} characters" if isinstance(value, str) and len(value) > 200 else value
+
+
+def _key(key: object) -> str:
+    """A client's unknown key, as part of a field name: at most 40 characters of it."""
+    text = str(key)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _control_number(prefix: str, key: str, value: object, default: float, limit: NumberRange) -> float:
+    """A setting as a float (an int is accepted; bools, strings and NaN are not), null = `default`."""
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not limit.contains(value):
+        raise RequestError(f"{prefix}.{key}", value, _control_allowed(f"{prefix}.{key}"))
+    return float(value) + 0.0  # -0.0 becomes 0.0: one spelling, one cache key
+
+
+def _control_template(prefix: str, value: object) -> str:
+    """The canonical pose a template names (case, separators and pose aliases as for `pose`)."""
+    pose = VOCABULARY.canonical("pose", value) if isinstance(value, str) else None
+    if pose is None:
+        raise RequestError(f"{prefix}.template", value, _control_allowed(f"{prefix}.template"))
+    return pose
+
+
+def _control_image(prefix: str, value: object) -> bytes:
+    """The bytes a base64 image holds, checked for syntax and size only: the pipeline decodes the
+    picture (input_image.decode_input_image_base64) before any stage runs."""
+    field, images = f"{prefix}.image", LIMITS.input_image
+    if not isinstance(value, str):
+        raise RequestError(field, value, _control_allowed(field))
+    if len(value) > images.max_base64_chars:
+        raise RequestError(field, f"{len(value)} characters of base64", _control_allowed(field))
+    try:
+        data = base64.b64decode(value, validate=True)
+    except ValueError:  # binascii.Error, or text with non-ASCII characters
+        raise RequestError(
+            field, f"{len(value)} characters that are not base64", _control_allowed(field)
+        ) from None
+    if not data or len(data) > images.max_bytes:
+        raise RequestError(field, f"base64 of {len(data)} bytes", _control_allowed(field))
+    return data
+
+
 class ImageRequest(_Overrides, _ImageFormat, _Picture, _Pose, _Subject):
     """One image to generate. Values are normalised on construction (stripped, canonical spelling).
 
@@ -475,7 +770,38 @@ class ImageRequest(_Overrides, _ImageFormat, _Picture, _Pose, _Subject):
     "Passeriformes", "JPG" -> "jpeg". Empty optional strings mean null. Integers are strict: no
     bools, floats or numeric strings. Invalid input raises RequestError, never a pydantic error.
     Format eink needs `eink_panel`; the other e-ink options get their defaults filled in.
+
+    `control` (optional) guides the picture with ControlNets: {kind: {image | template, scale,
+    start, end}} (docs/controlnet.md). Errors name the nested field ("control.depth.scale").
     """
+
+    # ControlNet guidance, per kind (contracts.CONTROLNET_KINDS); null = none. Declared last, so its
+    # errors are reported after every other field's.
+    control: Control | None = None
+
+    @field_validator("control", mode="before")
+    @classmethod
+    def _control(cls, value: object) -> Control | None:
+        return _parse_control(value)
+
+    def control_settings(self) -> tuple[ControlSettings, ...]:
+        """The request's ControlNets, resolved for the pipeline, in CONTROLNET_KINDS order (the
+        order nets run and residuals are summed in); empty without control."""
+        if self.control is None:
+            return ()
+        return tuple(
+            ControlSettings(
+                kind=kind,
+                scale=source.scale,
+                start=source.start,
+                end=source.end,
+                template=source.template,
+                image=source.image,
+                image_sha256=source.image_sha256,
+                image_bytes=source.image_bytes,
+            )
+            for kind, source in self.control.sources()
+        )
 
     def eink_source(self) -> ImageRequest:
         """The PNG request a format=eink request is rendered from: this one as format png without

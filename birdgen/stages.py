@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from birdgen.contracts import CONTROLLED_UNET, controlnet_model
 from birdgen.free_noise import CONTEXT_LENGTH, context_windows
 from birdgen.model_folder import ModelDims
 from birdgen.schema import LIMITS
@@ -34,6 +35,12 @@ CAPTURED_SIZES_PX = (COMMON_SIZE_PX, 1024)
 
 # The motion UNet's FreeNoise inputs: each window's frame indices, and how windows blend into frames.
 CONTEXT_INPUTS = ("context_frames", "context_blend")
+# A ControlNet stage's own inputs: the control image (uint8 HWC, as the VAE decoder's output) and one
+# conditioning scale per batch item.
+CONTROL_IMAGE, CONTROL_SCALE = "controlnet_cond", "conditioning_scale"
+# The spatial axes: the latent, the image (VAE factor times the latent), and the latent divided by 2**k at
+# each UNet downsampling k >= 1 (`latent_height_2`, `latent_height_4`, ...: the ControlNet residuals).
+DIRECTIONS = ("height", "width")
 
 
 @dataclass(frozen=True)
@@ -84,20 +91,65 @@ class StageSpec:
                 out[t.name] = np.broadcast_to(windows[t.name], shape).copy()
             elif t.dtype == "INT64":
                 out[t.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+            elif t.dtype == "UINT8":  # pixels
+                out[t.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
             elif t.name == "timestep":
                 out[t.name] = rng.uniform(1, 999, size=shape).astype(np.float32)
+            elif t.name == CONTROL_SCALE:  # the request range (limits.yaml control.scale)
+                out[t.name] = rng.uniform(0, 2, size=shape).astype(np.float32)
             else:
                 out[t.name] = rng.standard_normal(size=shape).astype(NUMPY_TYPES[t.dtype])
         return out
 
 
-def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
-    """The four engine stages of SDXL, sized for `dims`."""
-    tokens, latent, factor = dims.max_tokens, dims.latent_channels, dims.vae_scale_factor
-    latent_hw = {
+def _latent_axes(dims: ModelDims) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of the latent axes: limits.yaml's image sizes over the VAE factor."""
+    factor = dims.vae_scale_factor
+    return {
         "latent_height": (LIMITS.height.min // factor, COMMON_SIZE_PX // factor, LIMITS.height.max // factor),
         "latent_width": (LIMITS.width.min // factor, COMMON_SIZE_PX // factor, LIMITS.width.max // factor),
     }
+
+
+def scaled_axis(direction: str, scale: int) -> str:
+    """The latent axis of `direction` divided by `scale` (1: the latent axis itself)."""
+    return f"latent_{direction}" if scale == 1 else f"latent_{direction}_{scale}"
+
+
+def spatial_sizes(latent_height: int, latent_width: int, vae_factor: int, levels: int) -> dict[str, int]:
+    """Every spatial axis for one latent size: the latent, the image, and the latent at each of the
+    UNet's `levels` (halved per downsampling, as its stride-2 convolutions do for the sizes requests use)."""
+    sizes: dict[str, int] = {}
+    for direction, latent in zip(DIRECTIONS, (latent_height, latent_width), strict=True):
+        sizes[f"image_{direction}"] = latent * vae_factor
+        for k in range(levels):
+            sizes[scaled_axis(direction, 2**k)] = -(-latent // 2**k)
+    return sizes
+
+
+def _control_axes(dims: ModelDims) -> dict[str, tuple[int, int, int]]:
+    """The spatial axes of the ControlNet stages with their ranges: the latent's divided down the levels,
+    and the image's (the latent's times the VAE factor)."""
+    if not dims.unet_channels or not dims.unet_layers:
+        raise ValueError(
+            "these model dims have no unet_channels/unet_layers (a manifest written before ControlNet "
+            "support): re-export the repository to serve ControlNets"
+        )
+    latent = _latent_axes(dims)
+    axes: dict[str, tuple[int, int, int]] = {}
+    for direction in DIRECTIONS:
+        low, opt, high = latent[f"latent_{direction}"]
+        for k in range(len(dims.unet_channels)):
+            axes[scaled_axis(direction, 2**k)] = (low // 2**k, opt // 2**k, high // 2**k)
+        factor = dims.vae_scale_factor
+        axes[f"image_{direction}"] = (low * factor, opt * factor, high * factor)
+    return axes
+
+
+def stage_specs(dims: ModelDims) -> dict[str, StageSpec]:
+    """The four engine stages of SDXL, sized for `dims`."""
+    tokens, latent = dims.max_tokens, dims.latent_channels
+    latent_hw = _latent_axes(dims)
     latent_spec = (latent, "latent_height", "latent_width")
     specs = [
         StageSpec(
@@ -182,46 +234,127 @@ def motion_unet_spec(dims: ModelDims, max_frames: int) -> StageSpec:
     )
 
 
+def control_residuals(dims: ModelDims) -> tuple[TensorSpec, ...]:
+    """The ControlNet residuals, in diffusers' order (down_block_res_samples, then the mid block's).
+
+    `conv_in` first, then for each level k one tensor per layer (C_k at the level's resolution) and,
+    below the last level, the level's downsample output (C_k at the next level's); the mid residual
+    at the coarsest level: 1 + levels x layers + (levels - 1) down residuals (docs/controlnet.md).
+    """
+    _control_axes(dims)  # refuses dims without the UNet's widths
+    channels, layers = dims.unet_channels, dims.unet_layers
+
+    def at(level: int, width: int) -> tuple[int | str, ...]:
+        return (width, scaled_axis("height", 2**level), scaled_axis("width", 2**level))
+
+    shapes = [at(0, channels[0])]
+    for level, width in enumerate(channels):
+        shapes += [at(level, width)] * layers
+        if level < len(channels) - 1:
+            shapes.append(at(level + 1, width))
+    down = [TensorSpec(f"down_residual_{i}", "FP32", shape) for i, shape in enumerate(shapes)]
+    return (*down, TensorSpec("mid_residual", "FP32", at(len(channels) - 1, channels[-1])))
+
+
+def controlnet_spec(dims: ModelDims, kind: str) -> StageSpec:
+    """A `kind` ControlNet (contracts.controlnet_model): the UNet's inputs plus the control image (uint8
+    HWC at the request size) and one conditioning scale per item; out come the scaled residuals.
+
+    It batches like the UNet (requests at different steps and scales merge)."""
+    unet = stage_specs(dims)["unet"]
+    return dataclasses.replace(
+        unet,
+        name=controlnet_model(kind),
+        inputs=(
+            *unet.inputs,
+            TensorSpec(CONTROL_IMAGE, "UINT8", ("image_height", "image_width", 3)),
+            TensorSpec(CONTROL_SCALE, "FP32", (1,)),
+        ),
+        outputs=control_residuals(dims),
+        dynamic_axes=_control_axes(dims),
+    )
+
+
+def controlled_unet_spec(dims: ModelDims) -> StageSpec:
+    """The UNet taking every ControlNet residual (summed over the active nets) besides its own inputs."""
+    unet = stage_specs(dims)["unet"]
+    axes = {k: v for k, v in _control_axes(dims).items() if not k.startswith("image_")}
+    return dataclasses.replace(
+        unet, name=CONTROLLED_UNET, inputs=(*unet.inputs, *control_residuals(dims)), dynamic_axes=axes
+    )
+
+
+def control_stage_specs(dims: ModelDims, kinds: Sequence[str]) -> dict[str, StageSpec]:
+    """The ControlNet stages of `kinds` (in that order), then the controlled UNet; {} without kinds."""
+    if not kinds:
+        return {}
+    specs = {controlnet_model(kind): controlnet_spec(dims, kind) for kind in kinds}
+    return {**specs, CONTROLLED_UNET: controlled_unet_spec(dims)}
+
+
+def scaled_axes(spec: StageSpec) -> dict[str, tuple[str, int]]:
+    """For a spec with axes scaled from the latent (`latent_height_4`, `image_height`, ...): each
+    spatial axis as (root, multiple), the root being the coarsest latent axis of its direction, so
+    `latent_height` = (`latent_height_4`, 4) and `image_height` = (`latent_height_4`, 32) at a VAE factor
+    of 8. {} for specs with the latent axes alone (unet, vae_decoder, motion_unet).
+
+    The VAE factor comes from the ranges' opt points (engines load from the spec alone).
+    """
+    axes = spec.dynamic_axes
+    found: dict[str, tuple[str, int]] = {}
+    for direction in DIRECTIONS:
+        scales = [s for s in (2**k for k in range(1, 16)) if scaled_axis(direction, s) in axes]
+        if not scales:
+            continue
+        coarsest = max(scales)
+        root = scaled_axis(direction, coarsest)
+        for scale in (1, *scales):
+            found[scaled_axis(direction, scale)] = (root, coarsest // scale)
+        image = f"image_{direction}"
+        if image in axes:
+            factor = axes[image][1] // axes[f"latent_{direction}"][1]
+            found[image] = (root, coarsest * factor)
+    return found
+
+
 def repository_specs(info: dict) -> dict[str, StageSpec]:
     """The stages an exported repository serves, from its manifest.json or pipeline.json."""
-    specs = stage_specs(ModelDims.from_dict(info["dims"]))
+    dims = ModelDims.from_dict(info["dims"])
+    specs = stage_specs(dims)
     if info.get("motion_max_frames"):
-        specs["motion_unet"] = motion_unet_spec(ModelDims.from_dict(info["dims"]), info["motion_max_frames"])
-    return specs
+        specs["motion_unet"] = motion_unet_spec(dims, info["motion_max_frames"])
+    return specs | control_stage_specs(dims, tuple(info.get("controlnets", ())))
 
 
 def image_sizes(dims: ModelDims, latent_height: int, latent_width: int, frames: int = 0) -> dict[str, int]:
     """All named axes for one latent size (and clip length, with its context windows)."""
     frames = frames or CONTEXT_LENGTH
     windows, length = context_windows(frames)[0].shape
-    return {
-        "frames": frames,
-        "windows": windows,
-        "window_length": length,
-        "latent_height": latent_height,
-        "latent_width": latent_width,
-        "image_height": latent_height * dims.vae_scale_factor,
-        "image_width": latent_width * dims.vae_scale_factor,
-    }
+    spatial = spatial_sizes(latent_height, latent_width, dims.vae_scale_factor, dims.unet_levels)
+    return {"frames": frames, "windows": windows, "window_length": length, **spatial}
 
 
 def captured_sizes(spec: StageSpec, sizes_px: Sequence[int] = CAPTURED_SIZES_PX) -> list[dict[str, int]]:
     """The named-axis sizes a per-shape engine prepares at load: each square size in `sizes_px` the
-    stage accepts, at the default clip length; one empty entry for a stage without named axes.
+    stage accepts, at the default clip length; one empty entry for a stage without named axes. Each
+    entry has the spec's own axes (the scaled and image ones of the ControlNet stages included).
 
     No ModelDims here (engines load from the spec alone): the spec's opt point is COMMON_SIZE_PX in
-    latents, which gives the VAE factor.
+    latents, which gives the VAE factor, and its scaled axes give the levels.
     """
-    if "latent_height" not in spec.dynamic_axes:
+    axes = spec.dynamic_axes
+    if "latent_height" not in axes:
         return [{}]
-    low, opt, high = spec.dynamic_axes["latent_height"]
+    low, opt, high = axes["latent_height"]
     factor = COMMON_SIZE_PX // opt
+    levels = 1 + max((k for k in range(1, 16) if scaled_axis("height", 2**k) in axes), default=0)
     clip: dict[str, int] = {}
-    if "frames" in spec.dynamic_axes:
+    if "frames" in axes:
         windows, length = context_windows(CONTEXT_LENGTH)[0].shape
         clip = {"frames": CONTEXT_LENGTH, "windows": windows, "window_length": length}
-    return [
-        {"latent_height": px // factor, "latent_width": px // factor, **clip}
-        for px in sizes_px
-        if low <= px // factor <= high
-    ]
+    found = []
+    for px in sizes_px:
+        if low <= px // factor <= high:
+            spatial = spatial_sizes(px // factor, px // factor, factor, levels)
+            found.append({**{a: v for a, v in spatial.items() if a in axes}, **clip})
+    return found

@@ -32,6 +32,8 @@ import birdgen
 from birdgen.contracts import (
     ANIMATION_MODEL,
     ANIMATION_STREAM_MODEL,
+    CONTROLLED_UNET,
+    CONTROLNET_KINDS,
     IMAGE_MODEL,
     LORA_FILE,
     MANIFEST,
@@ -39,15 +41,17 @@ from birdgen.contracts import (
     MOTION_ADAPTER,
     PIPELINE_FILE,
     TOKENIZER_DIRS,
+    controlnet_folder,
+    controlnet_model,
     family_model,
 )
 from birdgen.engines import EngineKind, engine_kind
 from birdgen.free_noise import CONTEXT_LENGTH
 from birdgen.manifest import read_manifest, repository_files, sha256_file, tree_hashes
-from birdgen.model_folder import ModelDims, check_model_folder, load_motion_adapter
+from birdgen.model_folder import ModelDims, check_controlnet, check_model_folder, load_motion_adapter
 from birdgen.schema import ANIMATION, LIMITS, ServingLimits
 from birdgen.signing import check_private_key, sign
-from birdgen.stages import StageSpec, image_sizes, motion_unet_spec, stage_specs
+from birdgen.stages import StageSpec, control_stage_specs, image_sizes, motion_unet_spec, stage_specs
 from birdgen.triton_install import MODEL_BOOTSTRAP
 
 if TYPE_CHECKING:
@@ -226,6 +230,9 @@ class ExportInputs:
     previous: dict[str, Any]  # the repository's manifest; {} before the first export
     adapter: Path | None  # the motion adapter: the motion UNet is exported when there is one
     motion_max_frames: int  # 0 without a motion adapter
+    # ControlNet folders by kind, in CONTROLNET_KINDS order: their stages and controlled_unet are
+    # exported when there is one.
+    controlnets: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
 def export_repository(
@@ -236,11 +243,13 @@ def export_repository(
     loras: Mapping[str, Path] | None = None,
     motion_adapter: Path | None = None,
     max_frames: int | None = None,
+    controlnets: Mapping[str, Path] | None = None,
     entry_instances: int = 4,
     serving: ServingLimits = LIMITS.serving,
     force: bool = False,
     progress: Callable[[str], None] = print,
     signing_key: Path | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Export `model_dir` (and any family LoRAs) into the Triton repository `out`; return the manifest.
 
@@ -251,18 +260,23 @@ def export_repository(
     The AnimateDiff motion UNet is exported when a motion adapter is given or the folder has one
     (`<model_dir>/motion_adapter`, where the tiny model writes it); `max_frames` caps its clips below
     the request limit where GPU memory is short, and like the families it stays as an earlier export
-    set it unless given again. `device` is where the stages will be hosted (see `engine_kind`).
+    set it unless given again. `controlnets` (kind -> ControlNet folder; by default the folder's
+    `controlnet-<kind>` ones, where the tiny model writes them) adds each kind's ControlNet stage and
+    the UNet that takes their residuals. `device` is where the stages will be hosted (see `engine_kind`).
     `serving` bounds the entry models' queues (limits.yaml's; a test passes a tiny one).
     With `signing_key` (an Ed25519 private key PEM, `birdgen keygen`) the manifest is signed into
     manifest.json.sig; without it an earlier signature is removed, since it no longer matches.
+    `jobs` > 1 builds that many changed base stages at once, in separate processes: faster where
+    there are cores and memory for it (each holds its stage's model, and an ONNX export of a real
+    SDXL UNet takes tens of GB), so the default is one.
     """
     out = Path(out)
     if signing_key is not None:
         check_private_key(signing_key)  # before the export's minutes, not after them
-    inputs = resolve_inputs(model_dir, out, engine, device, loras, motion_adapter, max_frames)
+    inputs = resolve_inputs(model_dir, out, engine, device, loras, motion_adapter, max_frames, controlnets)
     out.mkdir(parents=True, exist_ok=True)
     plans = plan_stages(inputs)
-    stages = {name: _export_stage(out, plan, inputs, force, progress) for name, plan in plans.items()}
+    stages = _export_stages(out, plans, inputs, force, jobs, progress)
     families = _export_families(out, plans, stages, inputs, force, progress)
     keys = "".join(s["key"] for s in stages.values())
     model_version = f"{inputs.model_dir.name}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}"
@@ -280,8 +294,9 @@ def resolve_inputs(
     loras: Mapping[str, Path] | None,
     motion_adapter: Path | None,
     max_frames: int | None,
+    controlnets: Mapping[str, Path] | None = None,
 ) -> ExportInputs:
-    """The folder, engine kind, LoRAs and motion settings, all checked before anything is written."""
+    """The folder, engine kind, LoRAs, motion and ControlNet settings, checked before anything is written."""
     from birdgen.catalogue import Catalogue
     from birdgen.export.lora import validate_loras
 
@@ -292,11 +307,26 @@ def resolve_inputs(
     families = _canonical_families(loras or {}, Catalogue.load())
     lora_infos = validate_loras(model_dir, families)
     previous = read_manifest(out)
+    nets = _controlnet_folders(model_dir, controlnets or {})
     adapter = Path(motion_adapter).resolve() if motion_adapter else model_dir / MOTION_ADAPTER
     if not (motion_adapter or adapter.is_dir()):  # no motion UNet, no animation entries
-        return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, None, 0)
+        return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, None, 0, nets)
     frames = _motion_max_frames(adapter, max_frames or previous.get("motion_max_frames"))
-    return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, adapter, frames)
+    return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, adapter, frames, nets)
+
+
+def _controlnet_folders(model_dir: Path, given: Mapping[str, Path]) -> dict[str, Path]:
+    """ControlNet folder by kind: `given` over the model folder's `controlnet-<kind>`; each checked."""
+    unknown = sorted(set(given) - set(CONTROLNET_KINDS))
+    if unknown:
+        raise ValueError(f"ControlNet kind {unknown[0]!r}: allowed {', '.join(CONTROLNET_KINDS)}")
+    folders = {}
+    for kind in CONTROLNET_KINDS:
+        folder = Path(given[kind]).resolve() if kind in given else model_dir / controlnet_folder(kind)
+        if kind in given or folder.is_dir():
+            check_controlnet(folder, model_dir)
+            folders[kind] = folder
+    return folders
 
 
 def _motion_max_frames(adapter: Path, max_frames: int | None) -> int:
@@ -317,8 +347,18 @@ def _motion_max_frames(adapter: Path, max_frames: int | None) -> int:
 
 
 def plan_stages(inputs: ExportInputs) -> dict[str, StagePlan]:
-    """The stages to export, in export order: SDXL's four, then the motion UNet with an adapter."""
-    from birdgen.engines.modules import STAGE_PARTS, UNet, motion_unet, motion_unet_module, stage_module
+    """The stages to export, in export order: SDXL's four, the motion UNet with an adapter, then each
+    ControlNet and the UNet taking their residuals."""
+    from birdgen.engines.modules import (
+        STAGE_PARTS,
+        ControlledUNet,
+        UNet,
+        controlled_unet_module,
+        controlnet_module,
+        motion_unet,
+        motion_unet_module,
+        stage_module,
+    )
 
     model_dir = inputs.model_dir
     plans = {
@@ -344,38 +384,151 @@ def plan_stages(inputs: ExportInputs) -> dict[str, StagePlan]:
             family_module=motion_family_module,
             family_slot="motion",
         )
+    specs = control_stage_specs(inputs.dims, tuple(inputs.controlnets))
+    for kind, folder in inputs.controlnets.items():
+        name = controlnet_model(kind)
+        plans[name] = StagePlan(
+            specs[name], (folder,), functools.partial(controlnet_module, model_dir, folder)
+        )
+    if inputs.controlnets:
+        plans[CONTROLLED_UNET] = StagePlan(
+            specs[CONTROLLED_UNET],
+            sources=(model_dir / "unet",),
+            module=functools.partial(controlled_unet_module, model_dir),
+            family_module=ControlledUNet,
+            family_slot="controlled",
+        )
     return plans
 
 
-def _export_stage(
-    out: Path, plan: StagePlan, inputs: ExportInputs, force: bool, progress: Callable[[str], None]
-) -> dict[str, Any]:
-    """A base stage (version 1) built, or kept when its key and files are unchanged; its record."""
-    from birdgen.triton_config import stage_config, to_pbtxt
+def _current_record(out: Path, plan: StagePlan, inputs: ExportInputs, force: bool) -> dict[str, Any] | None:
+    """The manifest's record of a base stage when its key and files are unchanged, else None."""
+    version_dir = out / plan.spec.name / "1"
+    key = stage_key(plan.spec, plan.sources, inputs.kind.name, inputs.kind.settings)
+    previous = inputs.previous.get("stages", {}).get(plan.spec.name, {})
+    if not force and previous.get("key") == key and _intact(version_dir, previous.get("artifacts", {})):
+        return previous
+    return None
 
+
+def _export_stage(
+    out: Path, plan: StagePlan, inputs: ExportInputs, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Build a base stage (version 1) afresh; its manifest record."""
     spec, kind = plan.spec, inputs.kind
     start = time.perf_counter()
     version_dir = out / spec.name / "1"
     key = stage_key(spec, plan.sources, kind.name, kind.settings)
-    previous = inputs.previous.get("stages", {}).get(spec.name, {})
-    if not force and previous.get("key") == key and _intact(version_dir, previous.get("artifacts", {})):
-        record = previous
-        progress(f"{spec.name}: up to date, skipped")
-    else:
-        progress(f"{spec.name}: exporting ({kind.name})")
-        if version_dir.exists():
-            shutil.rmtree(version_dir)
-        record = {"key": key, **_build_stage(spec, plan.module(), kind, inputs.dims, version_dir)}
-        progress(
-            f"{spec.name}: done in {time.perf_counter() - start:.1f}s, "
-            f"max |engine - torch| = {record['max_abs_error']:.3g}"
-        )
-    # Cheap and derived from code, not from the engine: always rewritten so they never go stale.
-    write_model_py("stage", version_dir)
-    _write(
-        out / spec.name / "config.pbtxt", to_pbtxt(stage_config(spec, inputs.dims, kind.triton_hosting(spec)))
+    progress(f"{spec.name}: exporting ({kind.name})")
+    if version_dir.exists():
+        shutil.rmtree(version_dir)
+    record = {"key": key, **_build_stage(spec, plan.module(), kind, inputs.dims, version_dir)}
+    progress(
+        f"{spec.name}: done in {time.perf_counter() - start:.1f}s, "
+        f"max |engine - torch| = {record['max_abs_error']:.3g}"
     )
     return record
+
+
+def _export_stages(
+    out: Path,
+    plans: dict[str, StagePlan],
+    inputs: ExportInputs,
+    force: bool,
+    jobs: int,
+    progress: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Every base stage's record, building the changed ones (in `jobs` processes when more than one)."""
+    from birdgen.triton_config import stage_config, to_pbtxt
+
+    records: dict[str, dict[str, Any]] = {}
+    for name, plan in plans.items():
+        record = _current_record(out, plan, inputs, force)
+        if record is not None:
+            records[name] = record
+            progress(f"{name}: up to date, skipped")
+    stale = [name for name in plans if name not in records]
+    if jobs > 1 and len(stale) > 1:
+        records |= _export_in_processes(out, inputs, stale, jobs, progress)
+    else:
+        records |= {name: _export_stage(out, plans[name], inputs, progress) for name in stale}
+    for plan in plans.values():
+        # Cheap and derived from code, not from the engine: always rewritten so they never go stale.
+        version_dir = out / plan.spec.name / "1"
+        write_model_py("stage", version_dir)
+        hosting = inputs.kind.triton_hosting(plan.spec)
+        _write(out / plan.spec.name / "config.pbtxt", to_pbtxt(stage_config(plan.spec, inputs.dims, hosting)))
+    return {name: records[name] for name in plans}
+
+
+# Stages whose export takes longest go to the workers first, so the pool ends together: the motion
+# UNet's dynamo trace (~60 s on 2 cores for the tiny model), then the UNets, then the rest.
+_EXPORT_ORDER = ("motion_unet", CONTROLLED_UNET, "unet")
+
+
+def _export_in_processes(
+    out: Path, inputs: ExportInputs, names: list[str], jobs: int, progress: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Build `names` in `jobs` spawned processes, each with its share of the cores.
+
+    Why processes: an export is mostly single-threaded Python (dynamo tracing, the ONNX optimiser),
+    so threads would not overlap. Each worker re-plans its stage from `inputs` (plans hold closures,
+    which do not pickle); its progress lines come back through a queue.
+    """
+    import multiprocessing
+    import os
+    import threading
+    import warnings
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    order = sorted(names, key=lambda n: _EXPORT_ORDER.index(n) if n in _EXPORT_ORDER else len(_EXPORT_ORDER))
+    inputs = dataclasses.replace(inputs, loras={})  # base stages do not read the LoRAs
+    with context.Manager() as manager:
+        messages = manager.Queue()
+        relay = threading.Thread(target=_relay, args=(messages, progress), daemon=True)
+        relay.start()
+        try:
+            with ProcessPoolExecutor(
+                min(jobs, len(names)),
+                mp_context=context,
+                initializer=_worker_init,
+                initargs=(messages, threads, warnings.filters),
+            ) as pool:
+                futures = {name: pool.submit(_worker_export_stage, out, inputs, name) for name in order}
+                try:
+                    return {name: futures[name].result() for name in names}
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)  # the rest waits for no one
+                    raise
+        finally:
+            messages.put(None)
+            relay.join()
+
+
+def _relay(messages: Any, progress: Callable[[str], None]) -> None:
+    while (message := messages.get()) is not None:
+        progress(message)
+
+
+_worker_messages: Any = None
+
+
+def _worker_init(messages: Any, threads: int, warning_filters: list[Any]) -> None:
+    """A worker prints nothing itself (its lines go to the parent) and warns as the parent does."""
+    import warnings
+
+    import torch
+
+    global _worker_messages
+    _worker_messages = messages
+    warnings.filters[:] = warning_filters
+    torch.set_num_threads(threads)
+
+
+def _worker_export_stage(out: Path, inputs: ExportInputs, name: str) -> dict[str, Any]:
+    return _export_stage(out, plan_stages(inputs)[name], inputs, _worker_messages.put)
 
 
 def _export_families(
@@ -497,6 +650,7 @@ def _write_manifest(
         "engine": inputs.kind.name,
         "dims": inputs.dims.to_dict(),
         "motion_max_frames": inputs.motion_max_frames,
+        "controlnets": list(inputs.controlnets),
         "entries": entries,
         "versions": _versions(),
         "stages": stages,
@@ -557,6 +711,7 @@ def _write_entry(
         "engine": inputs.engine,
         "dims": inputs.dims.to_dict(),
         "motion_max_frames": inputs.motion_max_frames,
+        "controlnets": list(inputs.controlnets),
         "families": served,
     }
     entries = {IMAGE_MODEL: IMAGE_OUTPUTS}

@@ -29,7 +29,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from birdgen.client import BirdClient
-from birdgen.contracts import EINK_BUFFER, ENTRY_INPUT, IMAGE, IMAGE_MODEL, METADATA
+from birdgen.contracts import CONTROLNET_KINDS, EINK_BUFFER, ENTRY_INPUT, IMAGE, IMAGE_MODEL, METADATA
 from birdgen.eink import render_eink, row_bytes, unpack_buffer
 from birdgen.eink_panels import DITHERS, FITS, PRESETS
 from birdgen.gateway.bodies import animation_request, image_request
@@ -124,6 +124,22 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "eink_fit": st.none() | spellings(list(FITS)),
     "prompt": st.none() | ANY_TEXT | st.sampled_from(LONG_PROMPTS),
     "negative_prompt": st.none() | ANY_TEXT,
+    # Templates, the defaults' edges and just past them, and images that are no base64 or no picture.
+    "control": st.none()
+    | st.dictionaries(
+        spellings([*CONTROLNET_KINDS, "canny"]),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "template": spellings(vocabulary("pose")),
+                "image": st.sampled_from(["", "not base64!", "aGVsbG8=", "iVBORw0KGgo="]),
+                "scale": st.sampled_from([0, 0.0, 0.8, 2, 2.5, -0.1]) | st.floats(0, 2),
+                "start": st.sampled_from([0, 0.5, 1, -1]),
+                "end": st.sampled_from([0.5, 1, 0, 1.5]),
+            },
+        ),
+        max_size=3,
+    ),
 }
 assert set(PLAUSIBLE) == set(FIELD_NAMES), set(FIELD_NAMES) ^ set(PLAUSIBLE)
 
@@ -183,7 +199,7 @@ def check_refusal(error: RequestError, data: object) -> None:
     assert message.startswith((f"invalid {error.field!r}: got ", f"missing {error.field!r}; allowed: "))
     assert error.allowed and f"allowed: {error.allowed}" in message
     keys = set(data) if isinstance(data, Mapping) else set(json_keys(data))
-    assert error.field in {*FIELD_NAMES, "request", *keys}, error.field
+    assert error.field in {*FIELD_NAMES, "request", *keys} or error.field.startswith("control."), error.field
 
 
 def json_keys(data: object) -> list[str]:

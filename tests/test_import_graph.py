@@ -32,6 +32,8 @@ CORE = {
     "birdgen.eink_panels",
     "birdgen.eink",
     "birdgen.input_image",
+    "birdgen.control",
+    "birdgen.control_templates",
     "birdgen.free_noise",
     "birdgen.manifest",
     "birdgen.media",

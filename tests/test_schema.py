@@ -17,7 +17,7 @@ from birdgen.schema import (
     EINK_FIELDS,
     LIMITS,
     MISSING,
-    OUTPUT_CHOICES,
+    SEEDLESS_FIELDS,
     ImageRequest,
     Limits,
     RequestError,
@@ -243,12 +243,13 @@ def test_canonical_json_is_sorted_compact_complete_and_unescaped() -> None:
     request = ImageRequest(species="Mésange charbonnière", scientific_name="Parus major")
     text = request.canonical_json()
     data = json.loads(text)
-    assert list(data) == sorted(set(FIELD_NAMES) - set(EINK_FIELDS))  # those only with format eink
+    # The e-ink options only with format eink, control only with ControlNet guidance.
+    assert list(data) == sorted(set(FIELD_NAMES) - {*EINK_FIELDS, "control"})
     assert ", " not in text and ": " not in text
     assert "Mésange charbonnière" in text
     assert data["seed"] is None and data["width"] == 512
     eink = json.loads(ImageRequest(**ROBIN, **EINK_PANEL).canonical_json())
-    assert list(eink) == sorted(FIELD_NAMES)
+    assert list(eink) == sorted(set(FIELD_NAMES) - {"control"})
 
 
 def test_canonical_json_ignores_field_order_casing_and_spacing() -> None:
@@ -298,6 +299,7 @@ CHANGES = {
     "eink_fit": {**EINK_PANEL, "eink_fit": "cover"},
     "prompt": "a robin",
     "negative_prompt": "cats",
+    "control": {"control": {"depth": {"template": "perched"}}},  # a dict value: the fields it sets
 }
 
 
@@ -309,19 +311,19 @@ def with_change(fields: dict, field: str, value: object) -> dict:
 
 def assert_every_field_counts(kind: type, fields: dict, changes: dict) -> None:
     """Each change alters the canonical JSON (cache keys); each but an output choice (format, poster
-    frame, e-ink options) alters the derived seed, so only what is drawn picks the picture."""
+    frame, e-ink options) or control alters the derived seed, so only the scene picks the noise."""
     assert set(changes) == set(kind.model_fields) - {"seed"}
     base = kind(**fields)
     texts, seeds = {base.canonical_json()}, {base.resolved_seed()}
     for field, value in changes.items():
         changed = kind(**with_change(fields, field, value))
         texts.add(changed.canonical_json())
-        if field in OUTPUT_CHOICES:
+        if field in SEEDLESS_FIELDS:
             assert changed.resolved_seed() == base.resolved_seed(), field
         else:
             seeds.add(changed.resolved_seed())
     assert len(texts) == len(changes) + 1
-    assert len(seeds) == 1 + sum(field not in OUTPUT_CHOICES for field in changes)
+    assert len(seeds) == 1 + sum(field not in SEEDLESS_FIELDS for field in changes)
 
 
 def test_every_field_change_changes_canonical_json_and_seed() -> None:

@@ -57,6 +57,7 @@ IMAGE_FIELDS = [
     "eink_fit",
     "prompt",
     "negative_prompt",
+    "control",
 ]
 
 

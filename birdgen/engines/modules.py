@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from birdgen.model_folder import load_motion_adapter, load_part
+from birdgen.contracts import CONTROLLED_UNET
+from birdgen.model_folder import load_controlnet, load_motion_adapter, load_part
 
 # The attention projections of every transformer block (self- and cross-attention): where the
 # diffusers/SDXL LoRA convention puts adapters, and what `load_lora_weights` and LoRA fusing in export
@@ -134,6 +135,78 @@ class UNet(torch.nn.Module):
         return (noise,)
 
 
+class ControlledUNet(UNet):
+    """SDXL UNet taking ControlNet residuals (stages.controlled_unet_spec): the down residuals then the
+    mid one, in stages.control_residuals order, already scaled and summed over the active nets.
+
+    The diffusers UNet stays `model`, so LoRA weight names (`model.<name>`), EngineKind.derive and
+    TensorRT refits work as they do for `unet`. All-zero residuals give UNet's output bit for bit.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+
+    def forward(  # type: ignore[override]
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        *residuals: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        *down, mid = residuals
+        noise = self.model(
+            sample,
+            timestep.reshape(-1),
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            down_block_additional_residuals=tuple(down),
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+        return (noise,)
+
+
+class ControlNet(torch.nn.Module):
+    """A diffusers ControlNetModel on the UNet's inputs plus the control image and a scale per item
+    (stages.controlnet_spec): the residuals of StableDiffusionXLControlNetPipeline's ControlNet call,
+    down ones then the mid one, each times the item's scale.
+
+    The image comes as uint8 HWC pixels (4x fewer bytes than float CHW) and becomes the pipeline's
+    float image here: `np.array(pil).astype(float32) / 255` in CHW, the same values bit for bit. The
+    scale multiplies like diffusers' float `conditioning_scale` (equal bit for bit), but per item, so
+    requests with different scales or at different steps batch together.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        image = (controlnet_cond.permute(0, 3, 1, 2).float() / 255).to(sample.dtype)
+        down, mid = self.model(
+            sample,
+            timestep.reshape(-1),
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=image,
+            conditioning_scale=1.0,  # diffusers multiplies by it: exact at 1.0; the scale comes below
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            return_dict=False,
+        )
+        scale = conditioning_scale.reshape(-1, 1, 1, 1).to(sample.dtype)
+        return tuple(residual * scale for residual in (*down, mid))
+
+
 def motion_unet(unet2d: torch.nn.Module, adapter: torch.nn.Module) -> torch.nn.Module:
     """diffusers' UNetMotionModel.from_unet2d, plus the SDXL text-time embedding it forgets to copy.
 
@@ -187,13 +260,28 @@ def stage_module(model_dir: Path, stage: str) -> torch.nn.Module:
         return UNet(load_part(model_dir, "unet")).eval()
     if stage == "vae_decoder":
         return VaeDecoder(load_part(model_dir, "vae")).eval()
-    raise ValueError(f"unknown stage {stage!r}; allowed: text_encoder, text_encoder_2, unet, vae_decoder")
+    if stage == CONTROLLED_UNET:
+        return controlled_unet_module(model_dir)
+    allowed = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", CONTROLLED_UNET)
+    raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(allowed)}")
 
 
-# Which folder parts each stage is built from (their files key the export cache).
+def controlled_unet_module(model_dir: Path) -> ControlledUNet:
+    """The folder's UNet taking ControlNet residuals (stage CONTROLLED_UNET)."""
+    return ControlledUNet(load_part(model_dir, "unet")).eval()
+
+
+def controlnet_module(model_dir: Path, controlnet: Path) -> ControlNet:
+    """The ControlNet folder `controlnet` (checked against the UNet and VAE of `model_dir`) as a stage."""
+    return ControlNet(load_controlnet(controlnet, model_dir)).eval()
+
+
+# Which folder parts each stage is built from (their files key the export cache). A ControlNet stage
+# is built from its own folder (controlnet_module), not a part of the model folder.
 STAGE_PARTS = {
     "text_encoder": ("text_encoder",),
     "text_encoder_2": ("text_encoder_2",),
     "unet": ("unet",),
     "vae_decoder": ("vae",),
+    CONTROLLED_UNET: ("unet",),
 }

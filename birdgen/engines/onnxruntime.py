@@ -8,6 +8,7 @@ native `onnxruntime_onnx` platform can serve the same model.onnx.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from birdgen.engines.base import Engine, EngineKind
 from birdgen.engines.cpu_lock import CpuLock
 from birdgen.engines.onnx_weights import refit_arrays, refit_weight_map, replace_initializers
-from birdgen.stages import StageSpec
+from birdgen.stages import StageSpec, scaled_axes
 
 ONNX_FILE = "model.onnx"
 OPSET = 18
@@ -64,15 +65,27 @@ def export_onnx(spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], 
     dims: dict[str, Any] = (
         {"batch": torch.export.Dim("batch", min=1, max=spec.max_batch_size)} if batched else {}
     )
+    derived = scaled_axes(spec)
     for name, (low, _, high) in spec.dynamic_axes.items():
-        dims[name] = torch.export.Dim(name, min=low, max=high)
-    dynamic_shapes = {
+        if name not in derived:
+            dims[name] = torch.export.Dim(name, min=low, max=high)
+    # Axes scaled from one another (the ControlNet stages): one Dim per direction at the coarsest
+    # latent axis and the others as its multiples. Separate Dims fail torch.export's guards, e.g.
+    # ((h - 1) // 4 + 1) == q. The stages without such axes keep the independent Dims above.
+    for name, (root, multiple) in derived.items():
+        if root not in dims:
+            low, _, high = spec.dynamic_axes[root]
+            dims[root] = torch.export.Dim(root, min=low, max=high)
+        if name != root:
+            dims[name] = multiple * dims[root]
+    shapes = {
         t.name: {
             **({0: dims["batch"]} if batched else {}),
             **{i + 1: dims[d] for i, d in enumerate(t.dims) if isinstance(d, str)},
         }
         for t in spec.inputs
     }
+    dynamic_shapes = _signature_shapes(module, spec, shapes) if derived else shapes
     args = tuple(torch.from_numpy(sample[t.name]) for t in spec.inputs)
     with torch.no_grad():
         program = torch.onnx.export(
@@ -89,6 +102,25 @@ def export_onnx(spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], 
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=_needs_external_data(program.model_proto))
     return path
+
+
+def _signature_shapes(module: Any, spec: StageSpec, shapes: dict[str, Any]) -> dict[str, Any]:
+    """`shapes` (per spec input, in order) keyed by the forward's parameters, the var-positional one
+    (ControlledUNet's *residuals) getting the remaining inputs as one nested tuple: torch.export
+    refuses a flat spec for it."""
+    inputs = [t.name for t in spec.inputs]
+    nested: dict[str, Any] = {}
+    for parameter in inspect.signature(module.forward).parameters.values():
+        if not inputs:
+            break
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            nested[parameter.name] = tuple(shapes[name] for name in inputs)
+            inputs = []
+        else:
+            nested[parameter.name] = shapes[inputs.pop(0)]
+    if inputs:
+        raise ValueError(f"{spec.name}: {type(module).__name__}.forward takes no inputs {inputs}")
+    return nested
 
 
 def _needs_external_data(model: Any) -> bool:

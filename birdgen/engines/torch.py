@@ -31,7 +31,7 @@ import torch
 
 from birdgen.engines.base import EngineKind, TensorEngine
 from birdgen.engines.cpu_lock import CpuLock
-from birdgen.engines.modules import TextEncoder, UNet, VaeDecoder
+from birdgen.engines.modules import ControlledUNet, ControlNet, TextEncoder, UNet, VaeDecoder
 from birdgen.stages import CAPTURED_SIZES_PX, StageSpec, TensorSpec, captured_sizes
 
 RECIPE_FILE = "torch_module.json"
@@ -52,9 +52,11 @@ WRAPPERS: dict[str, tuple[type[torch.nn.Module], str, tuple[str, ...]]] = {
     "TextEncoder": (TextEncoder, "model", ("pooled",)),
     "UNet": (UNet, "model", ("clip",)),
     "VaeDecoder": (VaeDecoder, "vae", ()),
+    "ControlNet": (ControlNet, "model", ()),
+    "ControlledUNet": (ControlledUNet, "model", ()),
 }
 # Wrappers around convolutional models: channels-last weights and inputs on CUDA.
-CONV_WRAPPERS = ("UNet", "VaeDecoder")
+CONV_WRAPPERS = ("UNet", "VaeDecoder", "ControlNet", "ControlledUNet")
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +194,8 @@ class TorchEngine(TensorEngine):
         if dtype.is_floating_point and tensor.name not in FLOAT32_INPUTS:
             dtype = self.dtype
         value = value.to(device=self.device, dtype=dtype)
-        if self.channels_last and value.dim() == 4:
+        # Float NCHW only: a ControlNet's uint8 HWC image, permuted to NCHW inside, is channels-last already.
+        if self.channels_last and value.dim() == 4 and value.is_floating_point():
             value = value.contiguous(memory_format=torch.channels_last)
         return value
 
