@@ -15,9 +15,17 @@ from pathlib import Path
 from typing import get_args
 
 from birdgen.contracts import ANIMATION_MODEL, CONTROLNET_KINDS, MANIFEST, MANIFEST_SIGNATURE
-from birdgen.schema import AnimationRequest, ImageRequest
+from birdgen.schema import LIMITS, VOCABULARY, AnimationRequest, ImageRequest
 
 DEFAULT_REPO = Path("outputs/model_repository")
+# `birdgen generate image --control-<word> FILE | --<word>-template POSE`: the ControlNet kind of each word.
+CONTROL_FLAGS = {"pose": "openpose", "depth": "depth"}
+CONTROL_SETTINGS = ("scale", "start", "end")
+CONTROL_HELP = {
+    "scale": "conditioning scale, 0..2 (0: no effect)",
+    "start": "fraction of the steps where this ControlNet starts, 0..1",
+    "end": "fraction of the steps where it stops, above the start, 0..1",
+}
 # What `birdgen demo` asks for (the tests start from the image request too).
 DEMO_REQUEST = {
     "species": "American Robin",
@@ -146,7 +154,30 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _request_fields(args: argparse.Namespace, request: type) -> dict[str, object]:
-    return {name: getattr(args, name) for name in request.model_fields if getattr(args, name) is not None}
+    """The request fields given as flags (a field without a flag of its own, `control`, is skipped)."""
+    return {
+        name: getattr(args, name) for name in request.model_fields if getattr(args, name, None) is not None
+    }
+
+
+def image_request_fields(args: argparse.Namespace) -> dict[str, object]:
+    """`birdgen generate image`'s flags as the request's fields, `control` built from the
+    --control-<word> / --<word>-template flags (ValueError for a setting without a source)."""
+    fields = _request_fields(args, ImageRequest)
+    control = {}
+    for word, kind in CONTROL_FLAGS.items():
+        file, template = getattr(args, f"control_{word}"), getattr(args, f"{word}_template")
+        given = {key: getattr(args, f"control_{word}_{key}") for key in CONTROL_SETTINGS}
+        settings = {key: value for key, value in given.items() if value is not None}
+        if file is None and template is None:
+            if settings:
+                raise ValueError(
+                    f"--control-{word}-{next(iter(settings))} needs --control-{word} FILE or "
+                    f"--{word}-template POSE"
+                )
+            continue
+        control[kind] = ({"image": file} if file is not None else {"template": template}) | settings
+    return fields | ({"control": control} if control else {})
 
 
 def _output_path(out: Path, fmt: str) -> Path:
@@ -158,7 +189,7 @@ def _generate_image(args: argparse.Namespace) -> int:
     from birdgen.client import BirdClient, GeneratedEink
 
     with BirdClient(args.url, deadline_s=args.timeout) as client:
-        image = client.generate_image(**_request_fields(args, ImageRequest))
+        image = client.generate_image(**image_request_fields(args))
     path = image.save(_output_path(args.out, image.format))
     written = [f"{path} ({len(image.data)} bytes)"]
     if isinstance(image, GeneratedEink):
@@ -305,10 +336,50 @@ def _train_lora(args: argparse.Namespace) -> int:
 
 
 def _add_request_arguments(parser: argparse.ArgumentParser, request: type) -> None:
-    """One flag per field of the request schema (the schema is the single source of the fields)."""
+    """One flag per scalar field of the request schema (the schema is the single source of the
+    fields); a structured field (`control`) gets flags of its own (_add_control_arguments)."""
     for name, field in request.model_fields.items():
-        kind = next((k for k in (int, float) if k in (field.annotation, *get_args(field.annotation))), str)
+        types = (field.annotation, *get_args(field.annotation))
+        kind = next((k for k in (int, float, str) if k in types), None)
+        if kind is None:
+            continue
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, required=field.is_required())
+
+
+def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    """Per ControlNet kind: its picture as a file or a pose template (one of the two), and its
+    settings; `image_request_fields` turns them into the request's `control`."""
+    limits = LIMITS.control
+    poses = ", ".join(VOCABULARY.allowed("pose"))
+    for word, kind in CONTROL_FLAGS.items():
+        group = parser.add_argument_group(f"{kind} ControlNet (docs/controlnet.md)")
+        source = group.add_mutually_exclusive_group()
+        source.add_argument(
+            f"--control-{word}",
+            dest=f"control_{word}",
+            type=Path,
+            metavar="FILE",
+            help=f"a PNG or JPEG {kind} control picture (stretched to the image size)",
+        )
+        source.add_argument(
+            f"--{word}-template",
+            dest=f"{word}_template",
+            metavar="POSE",
+            help=f"draw the {kind} control picture from a pose template: {poses}",
+        )
+        defaults = {
+            "scale": f"{limits.kinds[kind].scale_default:g}",
+            "start": f"{limits.start.default:g}",
+            "end": f"{limits.end.default:g}",
+        }
+        for key in CONTROL_SETTINGS:
+            group.add_argument(
+                f"--control-{word}-{key}",
+                dest=f"control_{word}_{key}",
+                type=float,
+                metavar="SCALE" if key == "scale" else "FRACTION",
+                help=f"{CONTROL_HELP[key]} (default {defaults[key]})",
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--timeout", type=float, default=120.0)
     _add_request_arguments(p, ImageRequest)
+    _add_control_arguments(p)
     p.set_defaults(run=_generate_image)
     p = generate.add_parser("animation", help="one bird animation (animated WebP / GIF + poster)")
     p.add_argument("--url", default="localhost:8001", help="Triton gRPC address")

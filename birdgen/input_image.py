@@ -25,8 +25,8 @@ _LIMITS = LIMITS.input_image
 # Pillow's plugin names for the formats limits.yaml allows (JPEG's opener also returns MPO files,
 # the multi-picture JPEGs of some cameras; their first picture is a plain JPEG).
 _PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
-# Base64 carries 3 bytes in 4 characters: the longest text that can decode to max_bytes.
-MAX_BASE64_CHARS = 4 * -(-_LIMITS.max_bytes // 3)
+# The longest base64 text that can decode to max_bytes (3 bytes in 4 characters): the schema's.
+MAX_BASE64_CHARS = _LIMITS.max_base64_chars
 # What Pillow raises on a corrupt or truncated file: OSError covers "image file is truncated" and
 # "broken data stream" (UnidentifiedImageError is one), SyntaxError a bad chunk or marker; the rest
 # come from plugins parsing header fields (EXIF, ICC) with struct and zlib.

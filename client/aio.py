@@ -52,8 +52,12 @@ class AsyncBirdClient(ClientBase):
         deadline_s: float | None = None,
         **fields: Any,
     ) -> GeneratedImage:
-        """Generate one image, as BirdClient.generate_image does (format="eink": a GeneratedEink)."""
-        call = image_call(request, fields)
+        """Generate one image, as BirdClient.generate_image does (format="eink": a GeneratedEink).
+
+        Control images are decoded for the local check in a worker thread, off the event loop."""
+        call = image_call(request, fields, check_images=False)
+        if call.control_images():
+            await asyncio.to_thread(call.check_images)
         attempts = self._attempts(deadline_s)
         return as_image(await self._cached(call, attempts, lambda: self._generate(call, attempts)))
 

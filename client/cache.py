@@ -5,8 +5,9 @@ server restarts. Usable alone (`cache.get_or_generate(request, generate, model_v
 through a client (`BirdClient(url, cache=ResponseCache(redis_url))`).
 
 - Key: SHA256 of {"format", "model_version", "request"} as sorted, compact JSON, where "request" is
-  the schema's normalised dump (so field order, casing and aliases of vocabulary values do not
-  matter; any field's value, the model version or the format does).
+  the schema's canonical form (so field order, casing and aliases of vocabulary values do not
+  matter; any field's value, the model version or the format does). A control image counts by the
+  SHA-256 of its bytes, not by how it was sent (file, bytes or base64 text give one key).
 - Value: one framed string (a JSON header with the metadata and the file lengths, then the files),
   written with its TTL by a single SET, so no entry ever lives without one.
 - Identical concurrent misses generate once: the first caller takes a short lock (SET NX PX); the
@@ -79,7 +80,8 @@ class Derivation:
 
 def cache_key(request: Request, model_version: str) -> str:
     """The Redis key of `request`'s result from `model_version` (see the module docstring)."""
-    material = {"format": request.format, "model_version": model_version, "request": request.to_dict()}
+    request_fields = json.loads(request.canonical_json())  # a control image as its digest, never itself
+    material = {"format": request.format, "model_version": model_version, "request": request_fields}
     text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return KEY_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -28,6 +28,7 @@ from tritonclient.grpc import (
 from tritonclient.utils import InferenceServerException
 
 from birdgen.client.cache import CacheEntry, Derivation, ResponseCache
+from birdgen.client.control_images import check_control_image, encode_control_images
 from birdgen.client.errors import (
     AdminKeyRequiredError,
     BirdgenError,
@@ -55,6 +56,7 @@ from birdgen.contracts import (
     family_of,
 )
 from birdgen.contracts import family_model as family_model_name
+from birdgen.control import ControlSettings
 from birdgen.eink import render_request
 from birdgen.schema import (
     EINK,
@@ -299,9 +301,24 @@ class Call:
             return None
         return Derivation(request.eink_source(), lambda source: eink_entry(request, source))
 
+    def control_images(self) -> tuple[ControlSettings, ...]:
+        """The request's ControlNets that carry a client image (none for templates and animations)."""
+        if not isinstance(self.request, ImageRequest):
+            return ()
+        return tuple(s for s in self.request.control_settings() if s.image is not None)
+
+    def check_images(self) -> None:
+        """Decode every control image as the entry model will (control_images.check_control_image),
+        so a bad picture fails here with the error the server would give, before anything is sent."""
+        for setting in self.control_images():
+            check_control_image(setting, self.request.width, self.request.height)
+
     def inputs(self) -> list[InferInput]:
+        """The request as sent: `to_json()`, the control images included. It equals the canonical
+        JSON (cache keys, seed) for every request without a control image, so those send exactly the
+        bytes they always did, and Triton's response cache, keyed on these bytes, keeps its entries."""
         tensor = InferInput(ENTRY_INPUT, [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([self.request.canonical_json().encode()], dtype=np.object_))
+        tensor.set_data_from_numpy(np.array([self.request.to_json().encode()], dtype=np.object_))
         return [tensor]
 
     def requested(self) -> list[InferRequestedOutput]:
@@ -344,9 +361,23 @@ class Call:
         return CacheEntry({name: data for name, data in outputs.items() if data}, metadata)
 
 
-def image_call(request: ImageRequest | Mapping[str, Any] | None, fields: Mapping[str, Any]) -> Call:
-    """Validated with the server's own schema before anything is sent."""
-    return Call(IMAGE_MODEL, _parse(parse_image_request, request, fields), IMAGE_OUTPUTS)
+def image_call(
+    request: ImageRequest | Mapping[str, Any] | None,
+    fields: Mapping[str, Any],
+    *,
+    check_images: bool = True,
+) -> Call:
+    """Validated with the server's own schema before anything is sent.
+
+    A control image (`control={"openpose": {"image": ...}}`) may be a Path, bytes or base64 text:
+    files and bytes are base64-encoded here. With `check_images` every control image is also decoded
+    (Call.check_images); the asyncio client does that in a worker thread instead.
+    """
+    data = request if request is not None else fields
+    call = Call(IMAGE_MODEL, _parse(parse_image_request, encode_control_images(data), {}), IMAGE_OUTPUTS)
+    if check_images:
+        call.check_images()
+    return call
 
 
 def animation_call(

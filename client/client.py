@@ -55,6 +55,10 @@ class BirdClient(ClientBase):
         With format="eink" (and eink_panel, ...) the result is a GeneratedEink: the PNG preview and
         the panel's buffer. With a cache, it is rendered here from the cached PNG of the same request
         when there is one, without a server call.
+
+        `control={"openpose": {"image": Path("pose.png"), "scale": 0.8}, "depth": {"template":
+        "perched"}}` guides the picture with ControlNets (docs/client.md); an image may be a Path,
+        bytes or base64 text, and is decoded here first, so a bad picture fails before sending.
         """
         call = image_call(request, fields)
         attempts = self._attempts(deadline_s)

@@ -215,7 +215,7 @@ class Outcome:
             "files": self.files,
             "seconds": round(self.seconds, 3),
             "model_version": self.model_version,
-            "request": self.item.request.to_dict(),
+            "request": json.loads(self.item.request.canonical_json()),  # control images as digests
             "cached": self.cached,
         }
 

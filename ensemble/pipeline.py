@@ -32,8 +32,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import birdgen
 from birdgen.catalogue import Catalogue
-from birdgen.contracts import PIPELINE_FILE
+from birdgen.contracts import BASE_UNET, CONTROLLED_UNET, PIPELINE_FILE, controlnet_model
 from birdgen.eink import render_request
+from birdgen.ensemble.controlnet import ActiveControl, control_metadata, prepare_controls, residual_function
 from birdgen.ensemble.routing import FamilyRouter, UnetChoice
 from birdgen.ensemble.runners import ModelUnavailable
 from birdgen.media import encode_image
@@ -185,6 +186,7 @@ class ImagePipeline:
         info = json.loads((bundle_dir / PIPELINE_FILE).read_text())
         self.model_version: str = info["model_version"]
         self.dims = ModelDims.from_dict(info["dims"])
+        self.controlnets: list[str] = info.get("controlnets", [])  # the kinds the export has
         self.prompt_tokenizer = PromptTokenizer.from_folder(bundle_dir)
         # Built once and copied per request: from_config inspects signatures (~1.5 ms a request).
         self.scheduler = EulerAncestralDiscreteScheduler.from_config(
@@ -203,19 +205,26 @@ class ImagePipeline:
         # client renders the PNG it finds in its cache (birdgen.eink.render_request).
         picture = request.eink_source() if request.format == EINK else request
         self.check_inputs(picture)
+        # Control pictures are decoded (and bad ones refused) before any stage call.
+        controls = prepare_controls(picture, self.controlnets)
         prompt = self.prompts.build(picture)
         seed = picture.resolved_seed()
-        choice = self.router.choose(picture)
+        choice = self.router.choose(picture, base=CONTROLLED_UNET if controls else BASE_UNET)
         with timings.stage("text_encoders"):
             prompt_embeds, pooled, truncated = self.encode_prompt(prompt.text)
         with timings.stage("unet"):
             latents, version = self.on_one_version(
-                choice, lambda model, v: self.denoise(picture, seed, prompt_embeds, pooled, model, v)
+                choice,
+                lambda model, v: self.denoise(
+                    picture, seed, prompt_embeds, pooled, model, v, controls, timings
+                ),
             )
         with timings.stage("vae_decoder"):
             pixels = self.runner.run("vae_decoder", {"latent": latents})["image"][0].cpu().numpy()
         metadata = self.describe(picture, prompt, seed, truncated)
         metadata.update(self.unet_facts(choice, version))
+        if picture.control is not None:
+            metadata["control"] = control_metadata(picture)
         with timings.stage("encode"):
             data = encode_image(pixels, picture.format, metadata)
         buffer = b""
@@ -267,16 +276,41 @@ class ImagePipeline:
         pooled: torch.Tensor,
         unet: str,
         version: int,
+        controls: Sequence[ActiveControl] = (),
+        timings: Timings | None = None,
     ) -> torch.Tensor:
         """prepare_latents and the Euler-ancestral loop, the generator drawing in the pipeline's order,
-        on the device of the prompt embeddings."""
+        on the device of the prompt embeddings; with `controls`, each step's ControlNet residuals go
+        into the controlled UNet `unet`."""
         generator = torch.Generator("cpu").manual_seed(seed)
-        scheduler = self.new_scheduler(request.steps, prompt_embeds.device)
+        device = prompt_embeds.device
+        scheduler = self.new_scheduler(request.steps, device)
         latents = self.prepare_latents(
-            request.height, request.width, generator, scheduler.init_noise_sigma, prompt_embeds.device
+            request.height, request.width, generator, scheduler.init_noise_sigma, device
         )
         conditions = self.unet_conditions(request, prompt_embeds, pooled)
-        return self.run_steps("unet", scheduler, latents, generator, conditions, unet, version)
+        if not controls:
+            return self.run_steps("unet", scheduler, latents, generator, conditions, unet, version)
+        for control in controls:  # the ControlNet stages load on first use, like family UNets
+            self.runner.ready_version(controlnet_model(control.kind), [1])
+        residuals = residual_function(self.runner.run_many, controls, self.dims, device)
+
+        def timed_residuals(step: int, inputs: Tensors) -> Tensors:
+            if timings is None:
+                return residuals(step, inputs)
+            with timings.stage("controlnet"):
+                return residuals(step, inputs)
+
+        return self.run_steps(
+            CONTROLLED_UNET,
+            scheduler,
+            latents,
+            generator,
+            conditions,
+            unet,
+            version,
+            residuals=timed_residuals,
+        )
 
     def run_steps(
         self,
@@ -288,15 +322,20 @@ class ImagePipeline:
         model: str,
         version: int,
         progress: Callable[[str, int, int], None] | None = None,
+        residuals: Callable[[int, Tensors], Tensors] | None = None,
     ) -> torch.Tensor:
-        """The Euler-ancestral loop over `stage` (UNet or motion UNet) pinned to `model`/`version`,
-        with `conditions` the inputs that stay the same every step; `progress` hears each step."""
+        """The Euler-ancestral loop over `stage` (UNet, motion UNet or controlled UNet) pinned to
+        `model`/`version`, with `conditions` the inputs that stay the same every step; `residuals`
+        (the controlled UNet's) gives a step's ControlNet residuals from its UNet inputs; `progress`
+        hears each step."""
         for step, t in enumerate(scheduler.timesteps, start=1):
             inputs = {
                 "sample": scheduler.scale_model_input(latents, t),
                 "timestep": t.to(torch.float32).reshape(1, 1),
                 **conditions,
             }
+            if residuals is not None:
+                inputs |= residuals(step - 1, inputs)
             noise_pred = self.runner.run(stage, inputs, model=model, version=version)["noise_pred"]
             latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
             if progress:

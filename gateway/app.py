@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from birdgen.client import (
 )
 from birdgen.contracts import ANIMATION_MODEL, GIF, IMAGE_MODEL, POSTER, WEBP
 from birdgen.eink_panels import PRESETS as EINK_PANELS
-from birdgen.gateway.bodies import animation_request, body_schema, image_request
+from birdgen.gateway.bodies import animation_request, batch_image_request, body_schema, image_request
 from birdgen.gateway.jobs import BatchJobs, valid_job_id
 from birdgen.gateway.metrics import gateway_metrics
 from birdgen.gateway.rate_limit import RateLimiter
@@ -58,6 +58,8 @@ NDJSON = "application/x-ndjson"
 EINK_QUERY = {"eink_panel": "panel", "eink_palette": "palette", "eink_dither": "dither", "eink_fit": "fit"}
 RETRY_AFTER_UNAVAILABLE_S = 5
 ENTRY_MODELS = (IMAGE_MODEL, ANIMATION_MODEL)  # what /health reports
+# The one route whose body may carry control images: its own, larger body bound (max_image_body_bytes).
+IMAGE_ROUTE = "/api/v1/generate/image"
 
 
 def error_status(exc: BirdgenError) -> int:
@@ -127,34 +129,36 @@ def _provenance(metadata: dict[str, Any]) -> dict[str, str]:
 
 
 class BodyLimit:
-    """413 for a body over `limit` bytes, whether announced (Content-Length) or streamed (chunked)."""
+    """413 for a body over `limit` bytes, whether announced (Content-Length) or streamed (chunked);
+    a path in `routes` has its own limit instead (the single image request, which may carry images)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, routes: Mapping[str, int] | None = None) -> None:
+        self.app, self.limit, self.routes = app, limit, dict(routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.routes.get(scope["path"], self.limit)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(send)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self._refuse(send, limit)
         seen = 0
 
         async def counted() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 raise _TooLarge
             return message
 
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
-            await self._refuse(send)
+            await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body over {self.limit} bytes"}).encode()
+    async def _refuse(self, send: Send, limit: int) -> None:
+        body = json.dumps({"detail": f"request body over {limit} bytes"}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -243,7 +247,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             allow_headers=["Content-Type", "Accept", "X-API-Key"],
             expose_headers=["Retry-After", "X-AI-Generated", "X-Birdgen-Seed", "X-Birdgen-Model-Version"],
         )
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, routes={IMAGE_ROUTE: settings.max_image_body_bytes}
+    )
 
     @app.middleware("http")
     async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -343,7 +349,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
         return Response(image.data, media_type=MEDIA_TYPES[image.format], headers=_provenance(image.metadata))
 
-    @app.post("/api/v1/generate/image", openapi_extra=body_schema(ImageRequest))
+    @app.post(IMAGE_ROUTE, openapi_extra=body_schema(ImageRequest))
     async def generate_image(request: Request) -> Response:
         """One image. Raw bytes (Content-Type by `format`), or JSON with `Accept: application/json`."""
         await limit(request)
@@ -479,7 +485,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         requests = []
         for index, item in enumerate(items):
             try:
-                parsed = image_request(item)
+                parsed = batch_image_request(item)
             except RequestError as exc:
                 return invalid(exc, "items", index)
             if parsed.format == EINK:

@@ -4,6 +4,7 @@ The schema (birdgen/schema.py) stays the one definition of a request: a body is 
 the original API's spellings, translated here before the schema validates everything:
 - `common_name` for `species`;
 - `resolution`: a name from RESOLUTIONS or a square size in pixels, for `width` and `height`.
+A batch item may not carry a control image (batch_image_request), only a template.
 """
 
 from __future__ import annotations
@@ -47,6 +48,22 @@ def _fields(body: Any) -> dict[str, Any]:
 
 def image_request(body: Any, **defaults: Any) -> ImageRequest:
     return parse_image_request(defaults | _fields(body))
+
+
+def batch_image_request(body: Any) -> ImageRequest:
+    """One item of a batch: an image request whose ControlNets, if any, use templates. A batch body
+    has the small bound (GatewaySettings.max_body_bytes), so an uploaded control image is refused,
+    naming control.<kind>.image; a single request (POST /api/v1/generate/image) may carry one."""
+    request = image_request(body)
+    for setting in request.control_settings():
+        if setting.image is not None:
+            raise RequestError(
+                setting.image_field,
+                f"an image of {setting.image_bytes} bytes",
+                "null in a batch item: a template (a pose) instead, or the image in a single "
+                "POST /api/v1/generate/image",
+            )
+    return request
 
 
 def animation_request(body: Any, **defaults: Any) -> AnimationRequest:

@@ -30,6 +30,12 @@ class GatewaySettings(BaseModel):
     # limits.yaml's (schema.LIMITS: max_body_bytes is derived from batch.max_items and the request's
     # text limits, within serving.max_request_bytes); a deployment may lower them, never raise them.
     max_body_bytes: int = Field(LIMITS.max_body_bytes, ge=1024, le=LIMITS.max_body_bytes)
+    # The bound of POST /api/v1/generate/image alone, whose body may carry a base64 control image per
+    # ControlNet kind (LIMITS.max_controlled_request_bytes, 22.4 MB); batches carry templates only
+    # and keep max_body_bytes. A deployment may lower it (to max_body_bytes: no room for images).
+    max_image_body_bytes: int = Field(
+        LIMITS.max_controlled_request_bytes, ge=1024, le=LIMITS.max_controlled_request_bytes
+    )
     max_batch_items: int = Field(LIMITS.batch.max_items, ge=1, le=LIMITS.batch.max_items)
     deadline_s: float = Field(120.0, gt=0)  # one generation, end to end (the client's deadline)
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # how long a batch job and its results are kept

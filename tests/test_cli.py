@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from birdgen.cli import build_parser, image_request_fields
 from birdgen.client import BirdClient
+from birdgen.client.calls import image_call
 from birdgen.media import read_metadata
 from birdgen.server import free_port
 
@@ -115,6 +118,66 @@ def test_unreachable_server_is_one_line_naming_the_url(tmp_path: Path) -> None:
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert url in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def image_args(*flags: str) -> dict[str, object]:
+    """`birdgen generate image`'s request fields for `flags`, parsed in-process (no server)."""
+    args = build_parser().parse_args(["generate", "image", *ROBIN_ARGS, "--out", "x.png", *flags])
+    return image_request_fields(args)
+
+
+def test_control_flags_build_the_request_control(tmp_path: Path) -> None:
+    pose = tmp_path / "pose.png"
+    Image.new("RGB", (32, 32)).save(pose)
+    fields = image_args(
+        "--control-pose", str(pose), "--control-pose-scale", "1.2", "--depth-template", "Singing",
+        "--control-depth-start", "0.25", "--control-depth-end", "0.75",
+    )  # fmt: skip
+    assert fields["control"] == {
+        "openpose": {"image": pose, "scale": 1.2},
+        "depth": {"template": "Singing", "start": 0.25, "end": 0.75},
+    }
+    request = image_call(fields, {}).request  # the client base64-encodes and checks the file
+    assert [(s.kind, s.source, s.scale) for s in request.control_settings()] == [
+        ("openpose", "image", 1.2),
+        ("depth", "template", 0.6),
+    ]
+    assert "control" not in image_args()  # no flags, no control: the request it always was
+    assert image_args("--pose-template", "flying")["control"] == {"openpose": {"template": "flying"}}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--control-pose", "a.png", "--pose-template", "perched"], "not allowed with argument"),
+        # The structured field has no flag of its own (only a prefix of the control flags).
+        (["--control", "{}"], "ambiguous option: --control could match --control-pose,"),
+    ],
+)
+def test_a_kind_takes_a_file_or_a_template_and_there_is_no_control_flag(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        image_args(*flags)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_control_mistakes_are_one_line_before_any_server_is_asked(tmp_path: Path) -> None:
+    (tmp_path / "pose.png").write_bytes(b"not a picture")
+    url = f"127.0.0.1:{free_port()}"  # nothing listens: the errors below come before any call
+    out = ["--url", url, *ROBIN_ARGS, "--out", str(tmp_path / "x.png")]
+    for flags, named in (
+        (
+            ["--control-depth-scale", "0.5"],
+            "--control-depth-scale needs --control-depth FILE or --depth-template",
+        ),
+        (["--control-pose", str(tmp_path / "pose.png")], "'control.openpose.image'"),
+        (["--control-pose", str(tmp_path / "missing.png")], "missing.png (No such file"),
+        (["--pose-template", "upside-down"], "'control.openpose.template'"),
+    ):
+        done = run("generate", "image", *out, *flags)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr and url not in done.stderr
 
 
 def test_export_of_a_folder_missing_a_part_names_it(tiny_model: Path, tmp_path: Path) -> None:

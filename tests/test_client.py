@@ -4,6 +4,8 @@ server (fast and deterministic), then the asyncio client and the Redis cache aga
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import shutil
 import subprocess
@@ -12,12 +14,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, serialize_byte_tensor
@@ -33,8 +37,9 @@ from birdgen.client import (
     ServerUnavailableError,
     cache_key,
 )
-from birdgen.client.calls import Attempts
-from birdgen.schema import ImageRequest
+from birdgen.client.calls import Attempts, Call, animation_call, image_call
+from birdgen.input_image import decode_input_image_base64
+from birdgen.schema import ImageRequest, RequestError
 from birdgen.server import free_port
 from tests.conftest import CLIP, ROBIN
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401
@@ -405,6 +410,95 @@ def test_mutual_tls(kind: str, certificate: tuple[Path, Path]) -> None:
             generate(kind, url, "generate_image", ROBIN, **tls)
         with pytest.raises(ServerUnavailableError):  # plaintext to a TLS port
             generate(kind, url, "generate_image", ROBIN, retry=no_retry, deadline_s=5.0)
+
+
+# -- control images: encoded and checked here, sent whole, cached by digest ---------------------------
+def png_bytes(colour: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    data = BytesIO()
+    Image.new("RGB", (40, 30), colour).save(data, "PNG")
+    return data.getvalue()
+
+
+def test_a_control_image_from_a_path_bytes_or_base64_is_sent_base64(kind: str, tmp_path: Path) -> None:
+    png = png_bytes()
+    (tmp_path / "pose.png").write_bytes(png)
+    expected = base64.b64encode(png).decode()
+    depth = {"template": "Perched", "scale": 0.5}
+    with serving(FakeTriton()) as url:
+        for image in (tmp_path / "pose.png", png, bytearray(png), expected):
+            control = {"openpose": {"image": image}, "depth": depth}
+            sent = generate(kind, url, "generate_image", {**ROBIN, "control": control}).metadata["request"]
+            assert sent["control"] == {
+                "openpose": {"image": expected, "scale": 0.8, "start": 0.0, "end": 1.0},
+                "depth": {"template": "perched", "scale": 0.5, "start": 0.0, "end": 1.0},
+            }
+        as_keywords = generate(
+            kind, url, "generate_image", call={**ROBIN, "control": {"openpose": {"image": png}}}
+        )
+    assert as_keywords.metadata["request"]["control"]["openpose"]["image"] == expected
+
+
+@pytest.mark.parametrize(
+    "image",
+    [b"not a picture at all", "missing.png", png_bytes()[:60]],
+    ids=["not-an-image", "missing-file", "truncated"],
+)
+def test_a_bad_control_image_fails_before_sending_as_the_server_would(
+    kind: str, tmp_path: Path, image: bytes | str
+) -> None:
+    fake = FakeTriton()
+    source: Path | bytes = tmp_path / image if isinstance(image, str) else image
+    with (
+        serving(fake) as url,
+        pytest.raises(InvalidRequestError, match=r"'control\.openpose\.image'") as error,
+    ):
+        generate(kind, url, "generate_image", {**ROBIN, "control": {"openpose": {"image": source}}})
+    assert fake.calls == []
+    if isinstance(image, bytes):  # the entry model's check, word for word
+        with pytest.raises(RequestError) as server_side:
+            text = base64.b64encode(image).decode()
+            decode_input_image_base64(text, "control.openpose.image", ROBIN["width"], ROBIN["height"])
+        assert str(error.value) == str(server_side.value)
+    else:
+        assert "missing.png" in str(error.value)
+
+
+def sent_text(call: Call) -> bytes:
+    (tensor,) = call.inputs()
+    return deserialize_bytes_tensor(tensor._get_content())[0]
+
+
+def test_requests_without_a_control_image_send_the_bytes_they_always_did() -> None:
+    """Triton's response cache keys on the input's bytes: the canonical JSON, as before control."""
+    eink = {**ROBIN, "format": "eink", "eink_panel": "400x300"}
+    templated = {**ROBIN, "control": {"depth": {"template": "flying"}}}
+    for call in (image_call(ROBIN, {}), image_call(eink, {}), image_call(templated, {})):
+        assert sent_text(call) == call.request.canonical_json().encode()
+    for stream in (False, True):
+        call = animation_call(CLIP, {}, stream=stream)
+        assert sent_text(call) == call.request.canonical_json().encode()
+    imaged = image_call({**ROBIN, "control": {"depth": {"image": png_bytes()}}}, {})
+    assert json.loads(sent_text(imaged)) == imaged.request.to_dict()  # the image itself, not its digest
+    assert "image_sha256" in imaged.request.canonical_json()
+
+
+def test_the_cache_key_counts_a_control_image_by_its_bytes(tmp_path: Path) -> None:
+    png = png_bytes()
+    (tmp_path / "pose.png").write_bytes(png)
+
+    def key(image: object) -> str:
+        return cache_key(
+            image_call({**ROBIN, "control": {"openpose": {"image": image}}}, {}).request, "bird_image/1"
+        )
+
+    text = base64.b64encode(png).decode()
+    assert key(tmp_path / "pose.png") == key(png) == key(text)
+    assert key(png_bytes((10, 200, 10))) != key(png)
+    # Without control the key is the one it always was (the dump of every field).
+    plain = ImageRequest(**ROBIN)
+    material = {"format": "png", "model_version": "bird_image/1", "request": plain.to_dict()}
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert cache_key(plain, "bird_image/1").endswith(digest)
 
 
 # -- against the real Triton -------------------------------------------------------------------------

@@ -110,21 +110,46 @@ def test_not_json_and_oversized_bodies_then_still_serving(http: httpx.Client) ->
         "/api/v1/generate/image", content=b"{not json", headers={"Content-Type": "application/json"}
     )
     assert broken.status_code == 422 and broken.json()["detail"][0]["loc"] == ["body", "request"]
-    # The bound is limits.yaml's (schema.LIMITS.max_body_bytes: a full batch of the largest requests).
-    huge = http.post("/api/v1/generate/image", json={**BODY, "prompt": "x" * LIMITS.max_body_bytes})
-    assert huge.status_code == 413
+    # The bound is limits.yaml's (schema.LIMITS.max_body_bytes: a full batch of the largest requests),
+    # except for the single image request, which may carry a control image per kind
+    # (LIMITS.max_controlled_request_bytes): that body is read, and refused for its field.
+    huge = {**BODY, "prompt": "x" * LIMITS.max_body_bytes}
+    assert http.post("/api/v1/batch/images", json={"items": [huge]}).status_code == 413
+    read = http.post("/api/v1/generate/image", json=huge)
+    assert read.status_code == 422 and read.json()["detail"][0]["loc"] == ["body", "prompt"]
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit counts what arrives
-        yield b'{"prompt": "'
+        yield b'{"items": [{"prompt": "'
         for _ in range(LIMITS.max_body_bytes // 2**16 + 1):
             yield b"y" * 2**16
-        yield b'"}'
+        yield b'"}]}'
 
     streamed = http.post(
-        "/api/v1/generate/image", content=chunks(), headers={"Content-Type": "application/json"}
+        "/api/v1/batch/images", content=chunks(), headers={"Content-Type": "application/json"}
     )
     assert streamed.status_code == 413
     assert http.post("/api/v1/generate/image", json={**BODY, "seed": 3}).status_code == 200
+
+
+def test_an_image_guided_by_a_pose_template(http: httpx.Client) -> None:
+    """ControlNet through the gateway (issue 17): a template needs no upload, so batches take it too."""
+    control = {"openpose": {"template": "Singing", "scale": 0.5}}
+    response = http.post(
+        "/api/v1/generate/image",
+        json={**BODY, "seed": 17, "control": control},
+        headers={"Accept": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+    applied = response.json()["metadata"]["control"]["openpose"]
+    assert (applied["source"], applied["template"], applied["scale"]) == ("template", "singing", 0.5)
+    image = {**BODY, "control": {"depth": {"image": base64.b64encode(b"\x89PNG").decode()}}}
+    batch = http.post("/api/v1/batch/images", json={"items": [{**BODY, "control": control}, image]})
+    assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == [
+        "body",
+        "items",
+        1,
+        "control.depth.image",
+    ]
 
 
 def test_animation_by_accept_or_format_and_as_a_progress_stream(http: httpx.Client) -> None:
