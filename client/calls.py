@@ -42,6 +42,7 @@ from birdgen.contracts import (
     ANIMATION_MODEL,
     ANIMATION_OUTPUTS,
     ANIMATION_STREAM_MODEL,
+    CONTROLLED_UNET,
     EINK_BUFFER,
     ENTRY_INPUT,
     GIF,
@@ -402,16 +403,22 @@ def models_of(index: Mapping[str, Any]) -> list[dict[str, str]]:
     ]
 
 
-def roll_out_order(family_model: str, present: set[str]) -> list[str]:
+def roll_out_order(family_model: str, models: list[dict[str, str]]) -> list[str]:
     """What a family roll-out loads, in order: the family's UNets (`unet_<family>`, and
-    `motion_unet_<family>` when exported), then every entry model, whose new versions start fresh
-    response caches. Only models in the repository (`present`) are named."""
+    `motion_unet_<family>` when exported; `controlled_unet_<family>` only when it is loaded, since it
+    loads its newest version on first use otherwise), then every entry model, whose new versions start
+    fresh response caches. `models` is the repository index (list_models): only models in it are named."""
     family = family_of(family_model)
     if family is None:
         raise InvalidRequestError(
-            f"'{family_model}' is not a family UNet (unet_<family> or motion_unet_<family>)"
+            f"'{family_model}' is not a family UNet (unet_<family>, motion_unet_<family> or "
+            "controlled_unet_<family>)"
         )
+    present = {m["name"] for m in models}
+    controlled = family_model_name(family, CONTROLLED_UNET)
+    ready = {m["name"] for m in models if m.get("state") == "READY"}
     unets = (family_model_name(family), family_model_name(family, MOTION_UNET))
+    unets += (controlled,) if controlled in ready else ()
     return [m for m in (*unets, IMAGE_MODEL, ANIMATION_MODEL, ANIMATION_STREAM_MODEL) if m in present]
 
 

@@ -161,8 +161,7 @@ class BirdClient(ClientBase):
     def roll_out(self, family_model: str, *, deadline_s: float | None = None) -> list[str]:
         """Serve a family's newest UNets, then the entries' newest versions (fresh response caches);
         no downtime. Returns the models loaded, in order (see calls.roll_out_order)."""
-        present = {m["name"] for m in self.list_models(deadline_s=deadline_s)}
-        loaded = roll_out_order(family_model, present)
+        loaded = roll_out_order(family_model, self.list_models(deadline_s=deadline_s))
         for name in loaded:
             self.load_model(name, deadline_s=deadline_s)
         return loaded

@@ -44,6 +44,22 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.triton
+def test_generate_image_with_a_pose_template_and_a_depth_file(server, tmp_path: Path) -> None:
+    from PIL import Image
+
+    depth = tmp_path / "depth.png"
+    Image.new("RGB", (96, 64), (200, 200, 200)).save(depth)
+    out = tmp_path / "posed.png"
+    control = ["--pose-template", "flying", "--control-depth", str(depth), "--control-depth-scale", "0.4"]
+    done = run("generate", "image", "--url", server.grpc_url, *ROBIN_ARGS, *control, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    applied = json.loads(done.stdout)["control"]
+    assert applied["openpose"]["template"] == "flying" and applied["depth"]["scale"] == 0.4
+    assert applied["depth"]["image_bytes"] == depth.stat().st_size
+    assert read_metadata(out.read_bytes())["control"] == applied
+
+
+@pytest.mark.triton
 def test_generate_image_writes_the_file_and_prints_metadata(server, tmp_path: Path) -> None:
     out = tmp_path / "robin.png"
     done = run("generate", "image", "--url", server.grpc_url, *ROBIN_ARGS, "--out", str(out))

@@ -87,6 +87,43 @@ def test_family_unet_loads_on_demand_and_matches_diffusers_with_the_lora_fused(
     assert np.abs(pixels.astype(np.int16) - base.astype(np.int16)).mean() > 5  # the LoRA really acts
 
 
+def test_a_controlled_family_request_draws_on_the_family_controlled_unet_loaded_on_demand(
+    explicit_server, tiny_model: Path, loras: dict[str, Path], reference_pipeline
+) -> None:
+    """The family's LoRA reaches controlled requests too: its `controlled_unet_<family>` (derived at
+    export like the family UNet) and the ControlNet stage load on first use, and the image equals
+    diffusers' ControlNet pipeline with the LoRA fused."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from birdgen.control_templates import render_template
+
+    control = {"openpose": {"template": "perched"}}
+    with BirdClient(explicit_server.grpc_url) as client:
+        assert ("1", "READY") not in model_state(client, "controlnet_openpose")
+        served = client.generate_image(**{**ROBIN, "control": control})
+        assert ("1", "READY") in model_state(client, "controlnet_openpose")
+        assert ("1", "READY") in model_state(client, "controlled_unet_passeriformes")
+    meta = served.metadata
+    assert meta["unet"] == {"model": "controlled_unet_passeriformes", "version": 1}
+    assert meta["lora"]["family"] == "Passeriformes"
+    net = ControlNetModel.from_pretrained(tiny_model / "controlnet-openpose")
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_model, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(loras["a"]))
+    pipe.fuse_lora()
+    image = pipe(
+        meta["prompt"],
+        image=render_template("openpose", "perched", meta["width"], meta["height"]),
+        controlnet_conditioning_scale=0.8,
+        num_inference_steps=meta["steps"],
+        guidance_scale=0.0,
+        width=meta["width"],
+        height=meta["height"],
+        generator=torch.Generator("cpu").manual_seed(meta["seed"]),
+    ).images[0]
+    assert_close_to_reference(np.asarray(served.image.convert("RGB")), np.asarray(image))
+
+
 # diffusers' load_lora_weights on the motion UNet: the LoRA's target names (to_q, ...) also match the
 # motion modules' layers, which a 2-D UNet LoRA has no weights for; peft warns, nothing is wrong.
 @pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
@@ -186,6 +223,7 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
         client.roll_out("unet_passeriformes")  # returns once version 2 and the new entries serve
         after = client.generate_image(**{**ROBIN, "seed": 5})
         clip = client.generate_animation(**{**CLIP, "steps": 1, "format": "webp"})
+        posed = client.generate_image(**{**ROBIN, "seed": 5, "control": {"depth": {"template": "perched"}}})
     wait_for_answers(lambda: 2 in versions)  # and goes on to the new version after it
     stop.set()
     for worker in workers:
@@ -199,6 +237,8 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
     assert after.data != before.data
     assert clip.metadata["unet"] == {"model": "motion_unet_passeriformes", "version": 2}
     assert clip.metadata["lora"]["sha256"] == after.metadata["lora"]["sha256"]
+    # A controlled UNet loaded before the roll-out is rolled out with it; one that was not loads its newest.
+    assert posed.metadata["unet"] == {"model": "controlled_unet_passeriformes", "version": 2}
     assert verify_manifest(family_repo) == []
 
     # A third version prunes the first (the served one and the one before stay); an unchanged LoRA is skipped.
