@@ -47,6 +47,15 @@ PUBLIC_KEY = "manifest-signing.pub"
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")  # the two CLIP tokenizers, diffusers folder names
 MOTION_ADAPTER = "motion_adapter"  # model folder: the AnimateDiff motion adapter
 CONTROLNET_KINDS = ("openpose", "depth")  # request order, the order of diffusers' MultiControlNetModel
+# Stable Video Diffusion (issue 18, docs/svd.md): its diffusers folder inside a model folder (the tiny
+# model writes one there, a real one is e.g. stable-video-diffusion-img2vid-xt) and its stage models.
+# No stage name starts with a family prefix (unet_, motion_unet_, controlled_unet_): family_of -> None.
+SVD_FOLDER = "svd"
+SVD_IMAGE_ENCODER = "svd_image_encoder"  # CLIP image embedding of the conditioning image
+SVD_VAE_ENCODER = "svd_vae_encoder"  # the conditioning image's latents (the posterior's mode)
+SVD_UNET = "svd_unet"  # UNetSpatioTemporalConditionModel, one clip (or its CFG half) per batch item
+SVD_VAE_DECODER = "svd_vae_decoder"  # the temporal decoder, one chunk of frames per batch item
+SVD_STAGES = (SVD_IMAGE_ENCODER, SVD_VAE_ENCODER, SVD_UNET, SVD_VAE_DECODER)
 
 
 def controlnet_folder(kind: str) -> str:

@@ -262,3 +262,150 @@ def load_part(model_dir: Path, part: str, **kwargs: Any) -> Any:
         model_dir / part, torch_dtype=torch.float32, use_safetensors=True, **extra, **kwargs
     )
     return model.eval()
+
+
+# Stable Video Diffusion (docs/svd.md): a StableVideoDiffusionPipeline folder, e.g. the tiny model's
+# `svd/` or a download of stabilityai/stable-video-diffusion-img2vid(-xt). Each part, the file that
+# proves it is there, and the class model_index.json must name for it.
+SVD_PARTS: dict[str, tuple[str, str]] = {
+    "image_encoder": ("config.json", "CLIPVisionModelWithProjection"),
+    "feature_extractor": ("preprocessor_config.json", "CLIPImageProcessor"),
+    "unet": ("config.json", "UNetSpatioTemporalConditionModel"),
+    "vae": ("config.json", "AutoencoderKLTemporalDecoder"),
+    "scheduler": ("scheduler_config.json", "EulerDiscreteScheduler"),
+}
+SVD_WEIGHT_PARTS = ("image_encoder", "unet", "vae")
+# diffusers resizes every conditioning image to 224 x 224 for the image encoder (_encode_image).
+SVD_CLIP_SIZE = 224
+# Constructor defaults of the checked keys a config.json may leave out (UNetSpatioTemporalConditionModel,
+# AutoencoderKLTemporalDecoder, CLIPVisionConfig).
+_SVD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unet": {
+        "in_channels": 8,
+        "out_channels": 4,
+        "cross_attention_dim": 1024,
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 768,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "num_frames": 25,
+    },
+    "vae": {"latent_channels": 4, "block_out_channels": [64], "scaling_factor": 0.18215},
+    "image_encoder": {"image_size": 224, "projection_dim": 512},
+}
+
+
+def _svd_configs(path: Path) -> dict[str, dict[str, Any]]:
+    """The unet, vae and image_encoder configs of an SVD folder, defaults filled in."""
+    return {
+        part: defaults | _read_json(path / part / "config.json") for part, defaults in _SVD_DEFAULTS.items()
+    }
+
+
+def check_svd_folder(path: Path) -> dict[str, Any]:
+    """Validate a Stable Video Diffusion folder and return its model_index.json; raise ModelFolderError
+    naming the missing part, the wrong class or config key (with both values), or pickle-only weights."""
+    path = Path(path)
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise ModelFolderError(
+            f"{path} is not a Stable Video Diffusion folder (StableVideoDiffusionPipeline's layout): "
+            "model_index.json is missing"
+        )
+    index = _read_json(index_path)
+    for part, (marker, class_name) in SVD_PARTS.items():
+        entry = index.get(part)
+        if not entry or entry[0] is None:
+            raise ModelFolderError(f"{path}: model_index.json lists no '{part}' (an SVD folder needs it)")
+        if entry[1] != class_name:
+            raise ModelFolderError(
+                f"{path}: part '{part}' is a {entry[1]}, expected {class_name} (is this an SVD folder?)"
+            )
+        if not (path / part / marker).is_file():
+            raise ModelFolderError(f"{path}: part '{part}' is missing ({part}/{marker} not found)")
+    configs = _svd_configs(path)
+    unet, vae, encoder = configs["unet"], configs["vae"], configs["image_encoder"]
+    expected = {
+        "unet.cross_attention_dim": (unet["cross_attention_dim"], encoder["projection_dim"]),
+        "unet.in_channels": (unet["in_channels"], 2 * vae["latent_channels"]),
+        "unet.out_channels": (unet["out_channels"], vae["latent_channels"]),
+        "unet.projection_class_embeddings_input_dim": (
+            unet["projection_class_embeddings_input_dim"],
+            3 * unet["addition_time_embed_dim"],
+        ),
+        "image_encoder.image_size": (encoder["image_size"], SVD_CLIP_SIZE),
+    }
+    wrong = [f"{key}: {got!r}, expected {want!r}" for key, (got, want) in expected.items() if got != want]
+    if wrong:
+        raise ModelFolderError(f"{path}: the SVD parts do not fit together: " + "; ".join(wrong))
+    for part in SVD_WEIGHT_PARTS:
+        check_safetensors(path / part, f"{path}: part '{part}'")
+    return index
+
+
+@dataclass(frozen=True)
+class SvdDims:
+    """The tensor sizes of the SVD stages, read from the folder's JSON configs (no torch)."""
+
+    latent_channels: int
+    vae_scale_factor: int
+    unet_levels: int
+    image_embed_dim: int  # the image encoder's projection_dim = the UNet's cross_attention_dim
+    clip_size: int  # the encoder's input side (224)
+    default_frames: int  # the UNet's num_frames: 14 for img2vid, 25 for img2vid-xt
+    scaling_factor: float
+    added_time_ids: int = 3  # fps - 1, motion_bucket_id, noise_aug_strength
+
+    @property
+    def pixel_stride(self) -> int:
+        """Clip sizes must be multiples of this: VAE factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (self.unet_levels - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SvdDims:
+        return cls(**data)
+
+    @classmethod
+    def from_folder(cls, path: Path) -> SvdDims:
+        path = Path(path)
+        check_svd_folder(path)
+        configs = _svd_configs(path)
+        unet, vae, encoder = configs["unet"], configs["vae"], configs["image_encoder"]
+        return cls(
+            latent_channels=int(vae["latent_channels"]),
+            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+            unet_levels=len(unet["block_out_channels"]),
+            image_embed_dim=int(encoder["projection_dim"]),
+            clip_size=int(encoder["image_size"]),
+            default_frames=int(unet["num_frames"]),
+            scaling_factor=float(vae["scaling_factor"]),
+        )
+
+
+def load_svd_part(path: Path, part: str, **kwargs: Any) -> Any:
+    """One part of an SVD folder (check_svd_folder) with the class model_index.json names: the
+    weights in fp32 from safetensors (the `.fp16.safetensors` variant when only that is there), the
+    feature extractor and scheduler from their JSON."""
+    import diffusers
+    import torch
+    import transformers
+
+    path = Path(path)
+    index = check_svd_folder(path)
+    if part not in SVD_PARTS:
+        raise ValueError(f"unknown SVD part {part!r}; allowed: {', '.join(SVD_PARTS)}")
+    library, class_name = index[part]
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    if module is None:
+        raise ModelFolderError(f"{path}: part '{part}' comes from unsupported library '{library}'")
+    cls = getattr(module, class_name)
+    if part not in SVD_WEIGHT_PARTS:
+        return cls.from_pretrained(path / part, **kwargs)  # no weights: the feature extractor or scheduler
+    variant = _weights_variant(path / part)
+    extra = {"variant": variant} if variant else {}
+    model = cls.from_pretrained(
+        path / part, torch_dtype=torch.float32, use_safetensors=True, **extra, **kwargs
+    )
+    return model.eval()

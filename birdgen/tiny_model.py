@@ -4,7 +4,8 @@ No model hub is reachable here, so tests, the demo and the benchmarks build this
 downloading stabilityai/sdxl-turbo. It has every part the real one has (two CLIP tokenizers with a BPE
 vocab generated locally, CLIPTextModel, CLIPTextModelWithProjection, a `text_time` UNet, an 8x VAE,
 the Euler-ancestral scheduler config sdxl-turbo ships, an AnimateDiff motion adapter, and an openpose
-and a depth ControlNet), so the real weights go through the same code. Presets
+and a depth ControlNet), so the real weights go through the same code. Beside them, in `svd/`, a
+Stable Video Diffusion folder in diffusers' StableVideoDiffusionPipeline layout (docs/svd.md). Presets
 (data/model_presets.yaml): `tiny` for the tests, `mini` for CPU benchmarks, `sdxl-full` with
 sdxl-turbo's own configs, whose timings are the real model's.
 """
@@ -20,7 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-from birdgen.contracts import CONTROLNET_KINDS, MOTION_ADAPTER, controlnet_folder
+from birdgen.contracts import CONTROLNET_KINDS, MOTION_ADAPTER, SVD_FOLDER, controlnet_folder
+from birdgen.model_folder import SVD_CLIP_SIZE
 from birdgen.prompts import DATA_DIR, PromptLibrary, load_data_file
 
 SEED = 20261125
@@ -83,6 +85,44 @@ TURBO_SCHEDULER = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+
+# The scheduler config of stabilityai/stable-video-diffusion-img2vid(-xt) (scheduler_config.json): the
+# EDM schedule (Karras sigmas from 700 to 0.002, continuous timesteps 0.25 ln sigma, v-prediction).
+SVD_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "sigma_max": 700.0,
+    "sigma_min": 0.002,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "trained_betas": None,
+    "use_karras_sigmas": True,
+}
+# Its feature_extractor/preprocessor_config.json. The pipeline only normalises with the mean and std
+# (its own antialiased resize to 224 x 224 comes first), but the folder carries the real file.
+SVD_FEATURE_EXTRACTOR = {
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 224},
+}
+# SVD parts are drawn under seed + this (the ControlNets use + 1, + 2), after every SDXL part.
+SVD_SEED_OFFSET = 3
 
 # CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py), lower-cased input.
 _CLIP_WORDS = re.compile(
@@ -175,6 +215,54 @@ def _write_tokenizer(path: Path, vocab: dict[str, int], merges: list[str], pad_t
     )
 
 
+class SvdPreset(BaseModel):
+    """A preset's Stable Video Diffusion folder: each part's constructor arguments, as they are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_encoder: dict[str, Any]  # transformers.CLIPVisionConfig
+    unet: dict[str, Any]  # diffusers.UNetSpatioTemporalConditionModel
+    vae: dict[str, Any]  # diffusers.AutoencoderKLTemporalDecoder
+
+    @model_validator(mode="after")
+    def _parts_fit_together(self) -> SvdPreset:
+        """What StableVideoDiffusionPipeline would only fail on at its first call."""
+        unet, vae, encoder = self.unet, self.vae, self.image_encoder
+        wrong = []
+        if unet["cross_attention_dim"] != encoder["projection_dim"]:
+            wrong.append(
+                f"unet.cross_attention_dim {unet['cross_attention_dim']} must be "
+                f"image_encoder.projection_dim ({encoder['projection_dim']})"
+            )
+        added = 3 * unet["addition_time_embed_dim"]
+        if unet["projection_class_embeddings_input_dim"] != added:
+            wrong.append(
+                f"unet.projection_class_embeddings_input_dim {unet['projection_class_embeddings_input_dim']} "
+                f"must be 3 x addition_time_embed_dim ({added}: fps, motion bucket, noise strength)"
+            )
+        if (
+            unet["in_channels"] != 2 * vae["latent_channels"]
+            or unet["out_channels"] != vae["latent_channels"]
+        ):
+            wrong.append(
+                f"unet in/out_channels {unet['in_channels']}/{unet['out_channels']} must be "
+                f"2 x / 1 x vae.latent_channels ({vae['latent_channels']}): noise and image latents in"
+            )
+        if encoder.get("image_size") != SVD_CLIP_SIZE:
+            wrong.append(
+                f"image_encoder.image_size {encoder.get('image_size')} must be {SVD_CLIP_SIZE} (the pipeline "
+                "resizes every conditioning image to it)"
+            )
+        for part, channels in (("unet", unet["block_out_channels"]), ("vae", vae["block_out_channels"])):
+            if any(c % 32 for c in channels):
+                wrong.append(
+                    f"{part}.block_out_channels {channels} must be multiples of 32 (32 GroupNorm groups)"
+                )
+        if wrong:
+            raise ValueError("svd: " + "; ".join(wrong))
+        return self
+
+
 class ModelPreset(BaseModel):
     """One preset: each part's constructor arguments, passed as they are to its class."""
 
@@ -188,6 +276,7 @@ class ModelPreset(BaseModel):
     vae: dict[str, Any]
     motion_adapter: dict[str, Any]
     controlnet: dict[str, Any]
+    svd: SvdPreset
 
     @model_validator(mode="after")
     def _parts_fit_together(self) -> ModelPreset:
@@ -273,6 +362,9 @@ def write_tiny_model(out: Path, seed: int = SEED, preset: str = "tiny") -> Path:
         )
 
     EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER).save_pretrained(out / "scheduler")
+    # A separate model too (not in model_index.json), under its own seed and last, so the SDXL parts
+    # keep their bytes; `birdgen export` looks for it here by default (docs/svd.md).
+    write_svd_folder(out / SVD_FOLDER, config.svd, seed + SVD_SEED_OFFSET, preset)
     (out / "model_index.json").write_text(
         json.dumps(
             {
@@ -313,3 +405,44 @@ def build_controlnet(unet_config: Any, overrides: dict[str, Any], seed: int) -> 
             if name.startswith(CONTROLNET_ZERO_PARTS):
                 param.copy_(torch.randn(param.shape, generator=generator) * CONTROLNET_REDRAW_STD)
     return controlnet.eval()
+
+
+def write_svd_folder(out: Path, config: SvdPreset, seed: int, preset: str = "tiny") -> Path:
+    """Write a random-weight Stable Video Diffusion folder (StableVideoDiffusionPipeline's layout:
+    image_encoder, feature_extractor, unet, vae, scheduler, model_index.json) to `out`; return it.
+
+    The parts are drawn in that order after torch.manual_seed(seed): the same seed, the same bytes.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**config.image_encoder))
+    encoder.eval().save_pretrained(out / "image_encoder")
+    CLIPImageProcessor(**SVD_FEATURE_EXTRACTOR).save_pretrained(out / "feature_extractor")
+    UNetSpatioTemporalConditionModel(**config.unet).save_pretrained(out / "unet")
+    AutoencoderKLTemporalDecoder(**config.vae).save_pretrained(out / "vae")
+    EulerDiscreteScheduler.from_config(SVD_SCHEDULER).save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableVideoDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "_birdgen_preset": preset,
+                "feature_extractor": ["transformers", "CLIPImageProcessor"],
+                "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
+                "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
+            },
+            indent=2,
+        )
+    )
+    return out

@@ -211,16 +211,33 @@ def test_unknown_engine_kind_lists_the_allowed_ones(tiny_model: Path, tmp_path: 
     assert done.returncode == 2 and "onnxruntime" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.fixture(scope="module")
+def one_instance_repository(
+    repository: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The session repository re-exported (stages up to date, skipped) with one instance per entry
+    model: `birdgen serve` loads every core model, and each instance is a process (~2.3 s to start)."""
+    import shutil
+
+    from birdgen.export.exporter import export_repository
+    from tests.conftest import EXPORT_OPTIONS
+
+    repo = tmp_path_factory.mktemp("one-instance") / "model_repository"
+    shutil.copytree(repository, repo)
+    export_repository(tiny_model, repo, **{**EXPORT_OPTIONS, "entry_instances": 1}, progress=lambda _: None)
+    return repo
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("signum", [signal.SIGTERM])
-def test_serve_runs_until_signalled_then_stops_cleanly(repository: Path, signum: int) -> None:
+def test_serve_runs_until_signalled_then_stops_cleanly(one_instance_repository: Path, signum: int) -> None:
     ports = [free_port() for _ in range(3)]
     serve = subprocess.Popen(
         [
             *BIRDGEN,
             "serve",
             "--model-repository",
-            str(repository),
+            str(one_instance_repository),
             "--grpc-port",
             str(ports[0]),
             "--http-port",

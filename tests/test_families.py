@@ -23,6 +23,9 @@ from tests.test_animation import CLIP, animatediff_sdxl, reference_clip
 from tests.test_parity import assert_close_to_reference, diffusers_image
 
 pytestmark = pytest.mark.triton
+# One instance per entry model: these tests start a server, roll out and reload entries several
+# times, and a python-backend instance costs ~2.3 s to start on 2 cores; none needs concurrency.
+FAMILY_OPTIONS = {**EXPORT_OPTIONS, "entry_instances": 1}
 UNKNOWN = {**ROBIN, "species": "Dodo", "scientific_name": "Raphus cucullatus", "species_id": None}
 
 
@@ -37,7 +40,7 @@ def family_repo(repository: Path, tiny_model: Path, loras: dict[str, Path], tmp_
     repo = tmp_path_factory.mktemp("families") / "model_repository"
     shutil.copytree(repository, repo)
     manifest = export_repository(
-        tiny_model, repo, **EXPORT_OPTIONS, loras={"passeriformes": loras["a"]}, progress=lambda _: None
+        tiny_model, repo, **FAMILY_OPTIONS, loras={"passeriformes": loras["a"]}, progress=lambda _: None
     )
     assert manifest["families"]["Passeriformes"]["version"] == 1
     assert manifest["families"]["Passeriformes"]["motion"]["model"] == "motion_unet_passeriformes"
@@ -55,7 +58,7 @@ def export_family(
 ) -> dict:
     """Passeriformes' LoRA exported into `repo` (a copy of the shared repository, kept as it is)."""
     return export_repository(
-        tiny_model, repo, **EXPORT_OPTIONS, loras={"Passeriformes": lora}, progress=progress
+        tiny_model, repo, **FAMILY_OPTIONS, loras={"Passeriformes": lora}, progress=progress
     )
 
 
@@ -210,7 +213,7 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
     manifest = export_repository(
         tiny_model,
         family_repo,
-        **EXPORT_OPTIONS,
+        **FAMILY_OPTIONS,
         loras={"Passeriformes": loras["b"]},
         progress=lambda _: None,
     )
@@ -245,7 +248,7 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
     export_repository(
         tiny_model,
         family_repo,
-        **EXPORT_OPTIONS,
+        **FAMILY_OPTIONS,
         loras={"Passeriformes": loras["a"]},
         progress=lambda _: None,
     )
@@ -255,7 +258,7 @@ def test_hot_swap_drops_no_request_and_later_requests_use_the_new_version(
     export_repository(
         tiny_model,
         family_repo,
-        **EXPORT_OPTIONS,
+        **FAMILY_OPTIONS,
         loras={"Passeriformes": loras["a"]},
         progress=messages.append,
     )
@@ -308,7 +311,7 @@ def test_bad_lora_fails_export_and_writes_nothing(
     else:
         lora = tmp_path / "nowhere"
     with pytest.raises((LoraError, ValueError), match=match):
-        export_repository(tiny_model, repo, **EXPORT_OPTIONS, loras={family: lora}, progress=lambda _: None)
+        export_repository(tiny_model, repo, **FAMILY_OPTIONS, loras={family: lora}, progress=lambda _: None)
     assert snapshot(repo) == before
     assert not list(repo.parent.glob(".unet_*"))
 
