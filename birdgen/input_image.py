@@ -53,9 +53,12 @@ def allowed(what: str = "image") -> str:
     )
 
 
-def decode_input_image(data: bytes, field: str, width: int, height: int) -> Image.Image:
+def decode_input_image(
+    data: bytes, field: str, width: int | None = None, height: int | None = None
+) -> Image.Image:
     """The picture in `data` as an RGB image of exactly width × height (stretched with Lanczos, as
-    diffusers' ControlNet image processor resizes a control image); RequestError naming `field` else.
+    diffusers' ControlNet image processor resizes a control image), or at its own size without them
+    (SVD's image encoder needs the original); RequestError naming `field` else.
 
     Checks, in order: the byte count; the format, from the file's header; the declared size, from the
     header, before anything is decoded (a PNG of a few KB can declare 60000 × 60000 pixels); then the
@@ -86,10 +89,14 @@ def decode_input_image(data: bytes, field: str, width: int, height: int) -> Imag
             raise RequestError(
                 field, f"a {image.format} image of {w} × {h} pixels", f"{allowed()}; {_reason(exc)}"
             ) from None
-    return rgb if rgb.size == (width, height) else rgb.resize((width, height), Image.Resampling.LANCZOS)
+    if width is None or height is None or rgb.size == (width, height):
+        return rgb
+    return rgb.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def decode_input_image_base64(text: str, field: str, width: int, height: int) -> Image.Image:
+def decode_input_image_base64(
+    text: str, field: str, width: int | None = None, height: int | None = None
+) -> Image.Image:
     """decode_input_image of a base64 string (how a JSON request carries a picture): the text's
     length is checked before decoding it, and the decoded bytes are checked as any others."""
     what = "image, base64-encoded (standard alphabet, no line breaks)"

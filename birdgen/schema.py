@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -55,6 +56,21 @@ SEEDLESS_FIELDS = (*OUTPUT_CHOICES, "control")
 # Room in a controlled request for one kind's JSON around its base64 image (the field names, the
 # source key, scale, start and end): Limits.max_controlled_request_bytes.
 _CONTROL_JSON_BYTES = 256
+# The animation engines (limits.yaml `svd.engines`, in this order; the first is the default).
+ENGINE_ANIMATEDIFF = "animatediff"
+ENGINE_SVD = "svd"
+ENGINES = (ENGINE_ANIMATEDIFF, ENGINE_SVD)
+# An animation request's fields only an svd request may carry (null with animatediff): the picture
+# to animate, the pose of a still drawn for it, and SVD's own settings (docs/svd.md). Declared last,
+# in this order, so their errors are reported after every shared field's.
+SVD_SETTINGS = (
+    "motion_bucket_id",
+    "noise_aug_strength",
+    "min_guidance_scale",
+    "max_guidance_scale",
+    "decode_chunk_size",
+)
+SVD_FIELDS = ("image", "pose", *SVD_SETTINGS)
 # Bounds of a request's JSON (Limits.max_request_json_bytes): bytes per character of text at most
 # (a surrogate pair of \uXXXX escapes) and room for everything that is not free text.
 _JSON_BYTES_PER_CHAR = 12
@@ -168,6 +184,54 @@ class AnimationLimits(_OutputLimits):
         return self
 
 
+class SvdLimits(_Strict):
+    """The `svd` section: the animation engines, and what an svd animation request limits on its own
+    (its length, fps and steps, and Stable Video Diffusion's settings; docs/svd.md). Its sizes and
+    formats are the animation's."""
+
+    engines: list[str]
+    min_frames: int = Field(ge=1)
+    max_frames: int = Field(ge=1)
+    fps: DefaultedRange
+    duration_seconds: DefaultedNumberRange
+    steps: DefaultedRange
+    motion_bucket_id: DefaultedRange
+    noise_aug_strength: DefaultedNumberRange
+    min_guidance_scale: DefaultedNumberRange
+    max_guidance_scale: DefaultedNumberRange
+    decode_chunk_size: DefaultedRange
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SvdLimits:
+        if tuple(self.engines) != ENGINES:
+            raise ValueError(
+                f"engines must be {', '.join(ENGINES)} in that order (the first is the default; "
+                f"birdgen.schema.ENGINES), got {', '.join(self.engines) or 'none'}"
+            )
+        if self.min_frames > self.max_frames:
+            raise ValueError(f"min_frames {self.min_frames} is above max_frames {self.max_frames}")
+        if self.fps.min < 1:
+            raise ValueError(
+                f"fps.min must be at least 1 (SVD is conditioned on fps - 1), got {self.fps.min}"
+            )
+        frames = _frame_count(self.duration_seconds.default, self.fps.default)
+        if frames is None or not self.min_frames <= frames <= self.max_frames:
+            raise ValueError(
+                f"the default duration_seconds x fps ({self.duration_seconds.default:g} x "
+                f"{self.fps.default}) must be a whole number of frames, {self.min_frames}..{self.max_frames}"
+            )
+        if self.decode_chunk_size.max > self.max_frames:
+            raise ValueError(
+                f"decode_chunk_size.max {self.decode_chunk_size.max} is above max_frames {self.max_frames}"
+            )
+        if self.min_guidance_scale.default > self.max_guidance_scale.default:
+            raise ValueError(
+                f"min_guidance_scale.default {self.min_guidance_scale.default:g} is above "
+                f"max_guidance_scale.default {self.max_guidance_scale.default:g}"
+            )
+        return self
+
+
 class InputImageLimits(_Strict):
     """A client-supplied picture (control or conditioning image): bytes, formats, decoded pixels."""
 
@@ -243,6 +307,7 @@ class Limits(_OutputLimits):
     seed: IntRange
     max_length: MaxLength
     animation: AnimationLimits
+    svd: SvdLimits
     input_image: InputImageLimits
     control: ControlLimits
     batch: BatchLimits
@@ -255,6 +320,11 @@ class Limits(_OutputLimits):
                 f"serving.max_request_bytes {self.serving.max_request_bytes} is below the largest "
                 f"controlled image request, {self.max_controlled_request_bytes} bytes (the JSON plus "
                 f"{len(self.control.kinds)} base64 input images of input_image.max_bytes)"
+            )
+        if self.max_svd_request_bytes > self.serving.max_request_bytes:
+            raise ValueError(
+                f"serving.max_request_bytes {self.serving.max_request_bytes} is below the largest svd "
+                f"animation request, {self.max_svd_request_bytes} bytes (the JSON plus a base64 image)"
             )
         return self
 
@@ -289,6 +359,14 @@ class Limits(_OutputLimits):
         per_kind = self.input_image.max_base64_chars + _CONTROL_JSON_BYTES
         return self.max_request_json_bytes + len(self.control.kinds) * per_kind
 
+    @property
+    def max_svd_request_bytes(self) -> int:
+        """The most bytes a valid svd animation request needs: the JSON bound above (its room for
+        numbers and words holds the SVD settings) plus one base64 image (input_image.max_bytes
+        encoded) and 256 bytes around it. With the bundled limits 31,264 + 11,184,812 + 256 =
+        11,216,332 bytes, within serving.max_request_bytes (a validator keeps it so)."""
+        return self.max_request_json_bytes + self.input_image.max_base64_chars + _CONTROL_JSON_BYTES
+
 
 def _frame_count(duration_seconds: float, fps: int) -> int | None:
     """duration x fps when that is a whole number, else None.
@@ -307,6 +385,7 @@ def _load_default_limits() -> Limits:
 
 LIMITS = Limits.load()
 ANIMATION = LIMITS.animation
+SVD = LIMITS.svd
 VOCABULARY = PromptLibrary.load()
 CATALOGUE = Catalogue.load()
 _DEFAULTS = VOCABULARY.defaults
@@ -331,11 +410,12 @@ class _Request(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _request_error(exc, type(self)) from None
+            raise _request_error(exc, type(self), data) from None
 
     @classmethod
-    def _allowed(cls, field: str) -> str:
-        """What `field` accepts, in words: the `allowed` of every RequestError about it."""
+    def _allowed(cls, field: str, engine: str | None = None) -> str:
+        """What `field` accepts, in words: the `allowed` of every RequestError about it. `engine` is
+        an animation request's (canonical, or None when unknown): an svd clip has its own ranges."""
         n = LIMITS.max_length
         if field in ("width", "height", "steps", "fps"):
             return getattr(cls._limits, field).describe()
@@ -427,7 +507,9 @@ class _Request(BaseModel):
     @field_validator(*FIELDS, check_fields=False)
     @classmethod
     def _vocabulary(cls, value: str | None, info: ValidationInfo) -> str | None:
-        text = cls._text(value, info.field_name) if value is not None else ""
+        if value is None:  # only an optional field gets here: habitat, an animation's pose
+            return None
+        text = cls._text(value, info.field_name)
         if not text and info.field_name == "habitat":
             return None
         key = VOCABULARY.canonical(info.field_name, text)
@@ -438,10 +520,27 @@ class _Request(BaseModel):
     @field_validator("width", "height", "steps", "seed", "duration_seconds", "fps", check_fields=False)
     @classmethod
     def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
-        limit = LIMITS.seed if info.field_name == "seed" else getattr(cls._limits, info.field_name)
+        engine = info.data.get("engine")  # an animation's, validated first
+        limit = cls._range(info.field_name, engine)
         if value is not None and not limit.contains(value):
-            raise RequestError(info.field_name, value, cls._allowed(info.field_name))
+            raise RequestError(info.field_name, value, cls._allowed(info.field_name, engine))
         return value
+
+    @classmethod
+    def _range(cls, field: str, engine: str | None) -> NumberRange:
+        """The range of a numeric field: the seed's, an svd clip's (fps, steps, duration) or the
+        request kind's own."""
+        if field == "seed":
+            return LIMITS.seed
+        if engine == ENGINE_SVD and field in ("fps", "steps", "duration_seconds"):
+            return getattr(SVD, field)
+        return getattr(cls._limits, field)
+
+    @classmethod
+    def _engine_in(cls, data: Mapping[str, Any]) -> str | None:
+        """The engine a request's fields name (an animation's), canonical; None for an image request
+        or an engine not known."""
+        return None
 
     @field_validator("format", check_fields=False)
     @classmethod
@@ -469,23 +568,23 @@ class _Request(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """Every field, normalised and JSON-ready: what a client sends.
 
-        The e-ink options are left out unless the format is eink (they are null then), and `control`
+        The e-ink options are left out unless the format is eink (they are null then), `control`
         unless the request has ControlNet guidance (then with its images, base64, and its defaults
-        filled in), so every other request keeps the canonical form, cache key and file metadata it
-        had before they existed.
+        filled in), and an animation's engine and SVD fields unless its engine is svd, so every other
+        request keeps the canonical form, cache key and file metadata it had before they existed.
         """
         return self._as_dict(canonical=False)
 
     def to_json(self) -> str:
         """to_dict as compact JSON: the text to send. It equals canonical_json() unless the request
-        carries a control image, which only this text holds."""
+        carries a client image (a control image, an svd animation's image), which only this text holds."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     def canonical_json(self) -> str:
         """The request as one canonical string: equal requests give equal text (cache keys, seeds).
 
-        A control image appears as the SHA-256 and size of its decoded bytes, so cache keys and the
-        metadata embedded in files never carry the picture.
+        A client image (control, or an svd animation's) appears as the SHA-256 and size of its decoded
+        bytes, so cache keys and the metadata embedded in files never carry the picture.
         """
         return json.dumps(
             self._as_dict(canonical=True), sort_keys=True, separators=(",", ":"), ensure_ascii=False
@@ -505,7 +604,8 @@ class _Request(BaseModel):
         The output choices are left out: the PNG and the WebP of one request show the same picture
         (the WebP and the GIF of one animation, with any poster frame, the same frames). So is
         `control`: guidance steers the scene's own noise, and a scale-0 request draws exactly its
-        uncontrolled twin.
+        uncontrolled twin. An svd animation's image digest, engine and settings are in: the picture
+        animated is the clip's content, not guidance of it.
         """
         if self.seed is not None:
             return self.seed
@@ -519,6 +619,12 @@ class _Request(BaseModel):
 
 # The field groups. pydantic orders a model's fields base by base starting from its LAST base, so a
 # request lists its groups last-first; that order is the order errors are reported in.
+
+
+class _Engine(_Request):
+    # Checked (and its defaults filled in) by AnimationRequest's "before" validator, ahead of every
+    # other field: it decides their ranges and defaults. Declared before the fields that read it.
+    engine: str = ENGINES[0]
 
 
 class _Subject(_Request):
@@ -598,6 +704,25 @@ class ControlSource(BaseModel):
         return {**source, "scale": self.scale, "start": self.start, "end": self.end}
 
 
+class ClientImage(BaseModel):
+    """A picture a client sent in a request (an svd animation's `image`), as validated: its base64
+    text and the SHA-256 and size of the bytes it holds. Only the syntax and the byte count are
+    checked here; the pipeline decodes the picture (birdgen.input_image) before any stage runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    text: str = Field(repr=False)  # up to ~11 MB of base64: kept out of reprs
+    sha256: str
+    nbytes: int
+
+    def json_value(self, *, canonical: bool) -> str | dict[str, Any]:
+        """The JSON form: the base64 text (what a client sends), or (`canonical`) the digest and size
+        of its bytes, as a control image's: {"image_sha256", "image_bytes"}."""
+        if canonical:
+            return {"image_sha256": self.sha256, "image_bytes": self.nbytes}
+        return self.text
+
+
 class Control(BaseModel):
     """An image request's ControlNet guidance: one optional ControlSource per kind (CONTROLNET_KINDS)."""
 
@@ -618,6 +743,12 @@ if tuple(Control.model_fields) != CONTROLNET_KINDS:  # pragma: no cover - a cont
     raise RuntimeError(f"schema.Control's fields must be contracts.CONTROLNET_KINDS {CONTROLNET_KINDS}")
 
 _CONTROL_SETTINGS = ("image", "template", "scale", "start", "end")
+# What a client sends as an svd request's `image` (the JSON schema of the gateway's body): the text,
+# not the ClientImage the schema makes of it.
+_IMAGE_JSON_SCHEMA = {
+    "anyOf": [{"type": "string", "contentEncoding": "base64"}, {"type": "null"}],
+    "description": "a base64 PNG or JPEG picture to animate (engine svd); null draws the still",
+}
 _BASE64 = "base64 (standard alphabet, no line breaks)"
 
 
@@ -744,21 +875,26 @@ def _control_template(prefix: str, value: object) -> str:
 
 
 def _control_image(prefix: str, value: object) -> bytes:
+    """The bytes a control image's base64 text holds (_base64_image), errors naming control.<kind>.image."""
+    field = f"{prefix}.image"
+    return _base64_image(field, value, _control_allowed(field))
+
+
+def _base64_image(field: str, value: object, allowed: str) -> bytes:
     """The bytes a base64 image holds, checked for syntax and size only: the pipeline decodes the
-    picture (input_image.decode_input_image_base64) before any stage runs."""
-    field, images = f"{prefix}.image", LIMITS.input_image
+    picture (input_image.decode_input_image_base64) before any stage runs. RequestError naming
+    `field`, with `allowed`, else."""
+    images = LIMITS.input_image
     if not isinstance(value, str):
-        raise RequestError(field, value, _control_allowed(field))
+        raise RequestError(field, value, allowed)
     if len(value) > images.max_base64_chars:
-        raise RequestError(field, f"{len(value)} characters of base64", _control_allowed(field))
+        raise RequestError(field, f"{len(value)} characters of base64", allowed)
     try:
         data = base64.b64decode(value, validate=True)
     except ValueError:  # binascii.Error, or text with non-ASCII characters
-        raise RequestError(
-            field, f"{len(value)} characters that are not base64", _control_allowed(field)
-        ) from None
+        raise RequestError(field, f"{len(value)} characters that are not base64", allowed) from None
     if not data or len(data) > images.max_bytes:
-        raise RequestError(field, f"base64 of {len(data)} bytes", _control_allowed(field))
+        raise RequestError(field, f"base64 of {len(data)} bytes", allowed)
     return data
 
 
@@ -810,14 +946,23 @@ class ImageRequest(_Overrides, _ImageFormat, _Picture, _Pose, _Subject):
         return self.model_copy(update={"format": EINK_SOURCE_FORMAT, **dict.fromkeys(EINK_FIELDS)})
 
 
-class AnimationRequest(_Overrides, _Clip, _Picture, _Behaviour, _Subject):
-    """One animation (AnimateDiff) to generate: the image request's fields, with a behaviour (what
-    the bird does: "flying", "feeding") in place of the pose, and a length.
+class AnimationRequest(_Overrides, _Clip, _Picture, _Behaviour, _Engine, _Subject):
+    """One animation to generate: the image request's fields, with a behaviour (what the bird does:
+    "flying", "feeding") in place of the pose, and a length; drawn by one of two engines.
 
-    Normalised and validated like ImageRequest, against the `animation` limits (smaller sizes,
-    4 steps by default, webp/gif/both). duration_seconds may be fractional (2.5) as long as
-    duration × fps is a whole number of frames (2.5 s at 8 fps is 20), at most `max_frames`; an int
-    duration is stored as a float, so 2 and 2.0 are one request.
+    engine "animatediff" (the default): a motion module in the SDXL-Turbo UNet. Normalised and
+    validated like ImageRequest, against the `animation` limits (smaller sizes, 4 steps by default,
+    webp/gif/both). duration_seconds may be fractional (2.5) as long as duration × fps is a whole
+    number of frames (2.5 s at 8 fps is 20), at most `max_frames`; an int duration is stored as a
+    float, so 2 and 2.0 are one request.
+
+    engine "svd" (Stable Video Diffusion, docs/svd.md): animates one still, the client's `image`
+    (base64 PNG/JPEG) or, without one, the image still_request() draws (the shared fields and
+    `pose`). Its length, fps and steps have the `svd` limits and defaults (14 frames at 7 fps, 25
+    steps), and SVD's settings (motion_bucket_id, noise_aug_strength, min/max_guidance_scale,
+    decode_chunk_size) get theirs when null. An svd request takes no `behaviour` (SVD has no prompt:
+    motion_bucket_id sets how much it moves; the attribute keeps its default, left out of the
+    canonical form); an animatediff request takes none of SVD_FIELDS (they stay null).
     """
 
     _limits: ClassVar[_OutputLimits] = ANIMATION
@@ -826,16 +971,220 @@ class AnimationRequest(_Overrides, _Clip, _Picture, _Behaviour, _Subject):
     width: int = ANIMATION.width.default
     height: int = ANIMATION.height.default
     steps: int = ANIMATION.steps.default
+    # SVD_FIELDS: null with animatediff; with svd, defaults filled in (an image stays null: drawn).
+    image: Annotated[ClientImage | None, WithJsonSchema(_IMAGE_JSON_SCHEMA)] = Field(
+        default=None, validate_default=True
+    )
+    pose: str | None = Field(default=None, validate_default=True)
+    motion_bucket_id: int | None = Field(default=None, validate_default=True)
+    noise_aug_strength: float | None = Field(default=None, validate_default=True)
+    min_guidance_scale: float | None = Field(default=None, validate_default=True)
+    max_guidance_scale: float | None = Field(default=None, validate_default=True)
+    decode_chunk_size: int | None = Field(default=None, validate_default=True)
 
     @property
     def num_frames(self) -> int:
         """duration_seconds × fps, a whole number (validated)."""
         return round(self.duration_seconds * self.fps)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_defaults(cls, data: Any) -> Any:
+        """The engine first (canonical: any case, outer spaces; null = animatediff), then an svd
+        clip's own defaults for what the client left out: fps, steps and duration_seconds."""
+        if not isinstance(data, Mapping):
+            return data
+        engine = _canonical_engine(data.get("engine"))
+        if engine is None:
+            raise RequestError("engine", data.get("engine"), cls._allowed("engine"))
+        data = {**data, "engine": engine}
+        if engine == ENGINE_SVD:
+            behaviour = data.pop("behaviour", None)
+            if behaviour is not None:
+                raise RequestError("behaviour", behaviour, cls._allowed("behaviour", engine))
+            for field in ("fps", "steps", "duration_seconds"):
+                data.setdefault(field, getattr(SVD, field).default)
+        return data
+
+    @classmethod
+    def _engine_in(cls, data: Mapping[str, Any]) -> str | None:
+        return _canonical_engine(data.get("engine"))
+
+    @field_validator(*SVD_FIELDS, mode="before")
+    @classmethod
+    def _svd_field(cls, value: object, info: ValidationInfo) -> object:
+        """An svd-only field: null with animatediff; with svd checked, and its default when null."""
+        field, engine = info.field_name, info.data.get("engine")
+        if engine != ENGINE_SVD:
+            if value is None:
+                return None
+            raise RequestError(field, _short(value), cls._allowed(field, engine))
+        if field == "image":
+            return _client_image(value)
+        if field == "pose":
+            return _still_pose(value)
+        return _svd_setting(field, value, info.data)
+
     @model_validator(mode="after")
     def _frames(self) -> AnimationRequest:
-        _check_frames(self, ANIMATION.max_frames)
+        _check_frames(self, SVD.max_frames if self.engine == ENGINE_SVD else ANIMATION.max_frames)
+        chunk = self.decode_chunk_size
+        if chunk is not None and chunk > self.num_frames:
+            raise RequestError(
+                "decode_chunk_size",
+                chunk,
+                f"{_svd_allowed('decode_chunk_size')} (this clip has {self.num_frames} frames)",
+            )
         return self
+
+    @classmethod
+    def _allowed(cls, field: str, engine: str | None = None) -> str:
+        if field == "engine":
+            return f"{', '.join(ENGINES)} (any case), or null for {ENGINES[0]}"
+        if engine == ENGINE_SVD and field in (*SVD_FIELDS, "fps", "steps", "duration_seconds", "behaviour"):
+            return _svd_allowed(field)
+        if field in SVD_FIELDS:
+            return f"null with engine {ENGINE_ANIMATEDIFF}; with engine {ENGINE_SVD}: {_svd_allowed(field)}"
+        return super()._allowed(field, engine)
+
+    def _as_dict(self, *, canonical: bool) -> dict[str, Any]:
+        """An animatediff request's fields exactly as before engines existed (no engine, no SVD
+        fields), so its canonical JSON, cache key and seed are unchanged; an svd request's with the
+        engine, the SVD fields and the image (its digest when `canonical`), without the behaviour."""
+        if self.engine == ENGINE_ANIMATEDIFF:
+            return self.model_dump(mode="json", exclude={"engine", *SVD_FIELDS})
+        data = self.model_dump(mode="json", exclude={"behaviour", "image"})
+        if self.image is not None:
+            data["image"] = self.image.json_value(canonical=canonical)
+        return data
+
+    def still_request(self) -> ImageRequest | None:
+        """The image an svd request animates when the client sent none: an ImageRequest of the
+        shared fields (subject, look, prompt overrides), the clip's width and height and `pose`,
+        the image's default steps, format png, and the request's explicit seed (or none: the image's
+        own derived seed). It is the request that image came from, so a cached response serves it.
+        None for an animatediff request or one with an `image`."""
+        if self.engine != ENGINE_SVD or self.image is not None:
+            return None
+        shared = self.model_dump(
+            include={
+                "species",
+                "scientific_name",
+                "species_id",
+                "family",
+                "season",
+                "lighting",
+                "style",
+                "habitat",
+                "prompt",
+                "negative_prompt",
+                "width",
+                "height",
+                "pose",
+                "seed",
+            }
+        )
+        return ImageRequest(**shared, steps=LIMITS.steps.default, format="png")
+
+
+def _canonical_engine(value: object) -> str | None:
+    """The engine `value` names (any case, outer spaces), the default for null; None if none."""
+    if value is None:
+        return ENGINES[0]
+    key = value.strip().lower() if isinstance(value, str) else None
+    return key if key in ENGINES else None
+
+
+def _svd_allowed(field: str) -> str:
+    """What a field of an svd animation request accepts, in words."""
+    if field in ("fps", "steps"):
+        return getattr(SVD, field).describe()
+    if field == "duration_seconds":
+        return (
+            f"{SVD.duration_seconds.describe()} seconds, with duration × fps a whole number of frames, "
+            f"{SVD.min_frames}..{SVD.max_frames}"
+        )
+    if field == "behaviour":
+        return (
+            f"null with engine {ENGINE_SVD} (no prompt moves an SVD clip: motion_bucket_id sets how much "
+            f"it moves); with engine {ENGINE_ANIMATEDIFF}: {', '.join(VOCABULARY.allowed('behaviour'))}"
+        )
+    if field == "image":
+        images = LIMITS.input_image
+        formats = " or ".join(f.upper() for f in images.formats)
+        return (
+            f"{_BASE64} of a {formats} image of at most {images.max_bytes} bytes "
+            f"({images.max_base64_chars} characters), or null to draw the still from the request"
+        )
+    if field == "pose":
+        return (
+            f"the drawn still's pose: {', '.join(VOCABULARY.allowed('pose'))}; or null for {_DEFAULTS.pose}"
+        )
+    limit = getattr(SVD, field)
+    default = f"{limit.default:g}"
+    if field == "min_guidance_scale":
+        return f"{limit.describe()}, at most max_guidance_scale; or null for {default}"
+    if field == "max_guidance_scale":
+        return f"{limit.describe()}, at least min_guidance_scale; or null for {default}"
+    if field == "decode_chunk_size":
+        return f"{limit.describe()}, at most the clip's frames; or null for {default} (all frames if fewer)"
+    return f"{limit.describe()}; or null for {default}"
+
+
+def _client_image(value: object) -> ClientImage | None:
+    """An svd request's `image`: base64 text checked for syntax and size; empty text means null."""
+    if value is None or isinstance(value, ClientImage):
+        return value
+    if isinstance(value, str) and not value.strip():
+        return None
+    data = _base64_image("image", value, _svd_allowed("image"))
+    return ClientImage(text=value, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+
+
+def _still_pose(value: object) -> str:
+    """The drawn still's pose (case, separators and aliases as an image's), the image default for null."""
+    if value is None:
+        return _DEFAULTS.pose
+    pose = VOCABULARY.canonical("pose", value) if isinstance(value, str) else None
+    if pose is None:
+        raise RequestError("pose", value, _svd_allowed("pose"))
+    return pose
+
+
+def _svd_setting(field: str, value: object, data: Mapping[str, Any]) -> int | float:
+    """One of SVD_SETTINGS within its `svd` range (an integer for an IntRange; a float otherwise, an
+    int accepted; never a bool, string or NaN), its default for null. decode_chunk_size defaults to
+    at most the clip's frames; max_guidance_scale must not be below min_guidance_scale (validated
+    before it), and the error names the one the client gave (max when both)."""
+    limit: DefaultedRange | DefaultedNumberRange = getattr(SVD, field)
+    whole = isinstance(limit, IntRange)
+    if value is None:
+        number: int | float = limit.default
+        frames = _frame_count_of(data)
+        if field == "decode_chunk_size" and frames is not None:
+            number = min(number, frames)
+    elif isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+        raise RequestError(field, value, _svd_allowed(field))
+    elif limit.contains(value):  # False for NaN
+        number = value
+    else:
+        raise RequestError(field, value, _svd_allowed(field))
+    if field == "max_guidance_scale":
+        low = data.get("min_guidance_scale")
+        if low is not None and low > number:
+            named, got, other = (
+                (field, number, f"min_guidance_scale is {low:g}")
+                if value is not None
+                else ("min_guidance_scale", low, f"max_guidance_scale is {number:g}")
+            )
+            raise RequestError(named, got, f"{_svd_allowed(named)} (here {other})")
+    return number if whole else float(number) + 0.0  # -0.0 becomes 0.0: one spelling, one cache key
+
+
+def _frame_count_of(data: Mapping[str, Any]) -> int | None:
+    """The frame count of validated fields (duration_seconds, fps), or None while either is invalid."""
+    duration, fps = data.get("duration_seconds"), data.get("fps")
+    return None if duration is None or fps is None else _frame_count(duration, fps)
 
 
 def eink_option(option: str, value: object, panel: str | None = None, *, field: str | None = None) -> str:
@@ -868,15 +1217,24 @@ def _eink_names(option: str, panel: str | None) -> tuple[list[str], str]:
 
 
 def _check_frames(request: AnimationRequest, max_frames: int) -> None:
-    """A whole number of frames, at most `max_frames`, and a poster among them; else a RequestError."""
+    """A whole number of frames, at least the engine's minimum (svd: svd.min_frames) and at most
+    `max_frames`, and a poster among them; else a RequestError."""
     duration, fps = request.duration_seconds, request.fps
+    svd = request.engine == ENGINE_SVD
     frames = _frame_count(duration, fps)
     if frames is None:
+        limits = SVD if svd else ANIMATION
         raise RequestError(
             "duration_seconds",
             duration,
-            f"{ANIMATION.duration_seconds.describe()} seconds making a whole number of frames "
+            f"{limits.duration_seconds.describe()} seconds making a whole number of frames "
             f"(duration × fps): at {fps} fps, a multiple of 1/{fps} s",
+        )
+    if svd and frames < SVD.min_frames:
+        raise RequestError(
+            "duration_seconds",
+            duration,
+            f"at least {SVD.min_frames} frames with engine {ENGINE_SVD}: duration × fps ≥ {SVD.min_frames}",
         )
     if frames > max_frames:
         raise RequestError(
@@ -891,16 +1249,20 @@ def _check_frames(request: AnimationRequest, max_frames: int) -> None:
         )
 
 
-def _request_error(exc: ValidationError, request_type: type[_Request]) -> RequestError:
-    """The first problem pydantic found, as a RequestError naming field, value and what is allowed."""
+def _request_error(
+    exc: ValidationError, request_type: type[_Request], data: Mapping[str, Any]
+) -> RequestError:
+    """The first problem pydantic found, as a RequestError naming field, value and what is allowed
+    (for the engine the request's `data` names: an svd clip's ranges are its own)."""
     err = exc.errors()[0]
     field = str(err["loc"][0]) if err["loc"] else "request"
     cause = err.get("ctx", {}).get("error")
     if isinstance(cause, RequestError):
         return cause
+    engine = request_type._engine_in(data)
     if err["type"] == "missing":
-        return RequestError(field, MISSING, request_type._allowed(field))
-    return RequestError(field, err.get("input"), request_type._allowed(field))
+        return RequestError(field, MISSING, request_type._allowed(field, engine))
+    return RequestError(field, err.get("input"), request_type._allowed(field, engine))
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

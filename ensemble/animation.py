@@ -11,18 +11,25 @@ chunks of its batch size, so memory stays bounded however long the clip.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from birdgen.contracts import MOTION_UNET
-from birdgen.ensemble.pipeline import ImagePipeline, Timings
+import birdgen
+from birdgen.contracts import MOTION_UNET, PIPELINE_FILE
+from birdgen.ensemble.pipeline import ImagePipeline, StageRunner, Timings
+from birdgen.ensemble.svd import SvdLoop, SvdSettings
 from birdgen.free_noise import context_windows, shuffle_context_noise
+from birdgen.input_image import decode_input_image_base64
 from birdgen.media import encode_animation, encode_poster
+from birdgen.request_error import RequestError
 from birdgen.stages import CONTEXT_INPUTS
 
 # One thread per file a clip can have (webp, gif, poster), shared by the requests of this process.
@@ -37,10 +44,27 @@ class AnimationResult:
 
 
 class AnimationPipeline(ImagePipeline):
+    def __init__(self, bundle_dir: Path, runner: StageRunner, prompts: Any = None) -> None:
+        super().__init__(bundle_dir, runner, prompts)
+        info = json.loads((Path(bundle_dir) / PIPELINE_FILE).read_text())
+        # The engines this export has: AnimateDiff with a motion adapter, SVD with an SVD folder.
+        self.engines = [
+            name
+            for name, present in (("animatediff", info.get("motion_max_frames")), ("svd", info.get("svd")))
+            if present
+        ]
+        self.svd = SvdLoop(Path(bundle_dir), self.runner) if info.get("svd") else None
+
     def __call__(  # type: ignore[override]
         self, request: Any, progress: Callable[[str, int, int], None] | None = None
     ) -> AnimationResult:
         """`progress(stage, done, total)` hears each denoising step and each decoded chunk."""
+        if request.engine not in self.engines:
+            raise RequestError(
+                "engine", request.engine, f"the engines this deployment exported: {', '.join(self.engines)}"
+            )
+        if request.engine == "svd":
+            return self.svd_clip(request, progress)
         timings = Timings(self.runner)
         self.check_inputs(request)
         prompt = self.prompts.build(request)
@@ -67,6 +91,68 @@ class AnimationPipeline(ImagePipeline):
         with timings.stage("encode"):
             files = self.encode_files(request, frames, metadata)
         return AnimationResult(files, {**metadata, "timings_ms": timings.finish()}, frames)
+
+    def svd_clip(
+        self, request: Any, progress: Callable[[str, int, int], None] | None = None
+    ) -> AnimationResult:
+        """A Stable Video Diffusion clip of the client's picture, or of the still this request's
+        structured fields draw (the image entry's bytes for that request: same pipeline, same seed)."""
+        assert self.svd is not None
+        timings = Timings(self.runner)
+        self.check_inputs(request)
+        still = None
+        if request.image is not None:
+            picture = decode_input_image_base64(request.image.text, "image")  # the encoder needs its own size
+        else:
+            with timings.stage("still"):
+                still = ImagePipeline.__call__(self, request.still_request())
+            picture = Image.fromarray(still.pixels)
+        seed = request.resolved_seed()
+        frames = self.svd(picture, SvdSettings.of(request), seed, progress, timings)
+        metadata = self.describe_svd(request, seed, frames, still)
+        with timings.stage("encode"):
+            files = self.encode_files(request, frames, metadata)
+        return AnimationResult(files, {**metadata, "timings_ms": timings.finish()}, frames)
+
+    def describe_svd(self, request: Any, seed: int, frames: np.ndarray, still: Any) -> dict[str, Any]:
+        """An SVD clip's facts (and the AI label) for the metadata and the files."""
+        if still is None:
+            source = {
+                "source": "client",
+                "image_sha256": request.image_sha256,
+                "image_bytes": request.image_bytes,
+            }
+        else:
+            keep = ("prompt", "seed", "steps", "model_version", "unet", "lora", "family", "request")
+            source = {"source": "drawn", **{key: still.metadata[key] for key in keep}}
+        settings = SvdSettings.of(request)
+        return {
+            "ai_generated": True,
+            "generator": f"birdgen {birdgen.__version__}",
+            "model_version": self.model_version,
+            "engine": "svd",
+            "species": request.species,
+            "scientific_name": request.scientific_name,
+            "species_id": request.species_id,
+            "seed": seed,
+            "seed_derived": request.seed is None,
+            "steps": request.steps,
+            "scheduler": "EulerDiscreteScheduler (EDM, Karras sigmas)",
+            "width": request.width,
+            "height": request.height,
+            "frames": int(frames.shape[0]),
+            "fps": request.fps,
+            "duration_seconds": request.duration_seconds,
+            "poster_frame": request.poster_frame,
+            "format": request.format,
+            "motion_bucket_id": settings.motion_bucket_id,
+            "noise_aug_strength": settings.noise_aug_strength,
+            "min_guidance_scale": settings.min_guidance_scale,
+            "max_guidance_scale": settings.max_guidance_scale,
+            "decode_chunk_size": settings.decode_chunk_size,
+            "image": source,
+            "request": json.loads(request.canonical_json()),
+        }
 
     @staticmethod
     def encode_files(request: Any, frames: np.ndarray, metadata: dict[str, Any]) -> dict[str, bytes]:

@@ -40,7 +40,10 @@ from birdgen.schema import (
     ANIMATION,
     CATALOGUE,
     EINK,
+    ENGINE_SVD,
+    ENGINES,
     LIMITS,
+    SVD,
     VOCABULARY,
     AnimationRequest,
     ImageRequest,
@@ -140,6 +143,15 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
         ),
         max_size=3,
     ),
+    # An animation's engine and SVD fields (docs/svd.md): valid values, each bound and just past it,
+    # images that are no base64, valid base64 of no picture (the schema does not decode), empty text.
+    "engine": st.none() | spellings([*ENGINES, "sora"]),
+    "image": st.none() | st.sampled_from(["", "not base64!", "aGVsbG8=", "iVBORw0KGgo=", "aGVsbG8"]),
+    "motion_bucket_id": st.none() | st.sampled_from([0, 1, 127, 255, 256, 127.0]),
+    "noise_aug_strength": st.none() | st.sampled_from([0, -0.0, 0.02, 1, 1.01, -0.1]) | st.floats(0, 1),
+    "min_guidance_scale": st.none() | st.sampled_from([0, 1.0, 3, 10, 10.5, -1]) | st.floats(0, 10),
+    "max_guidance_scale": st.none() | st.sampled_from([0, 1, 3.0, 10, 11]) | st.floats(0, 10),
+    "decode_chunk_size": st.none() | st.integers(0, SVD.max_frames + 1),
 }
 assert set(PLAUSIBLE) == set(FIELD_NAMES), set(FIELD_NAMES) ^ set(PLAUSIBLE)
 
@@ -152,7 +164,12 @@ WILD_DICTS = st.builds(
     st.fixed_dictionaries({}, optional={k: v | JSON_LIKE for k, v in PLAUSIBLE.items()}),
     st.dictionaries(ANY_TEXT, JSON_LIKE, max_size=2) | st.just({}),
 )
-REQUEST_DICTS = PLAUSIBLE_DICTS | WILD_DICTS
+# Plausible svd animation requests: the engine, and any of the fields such a request takes.
+SVD_DICTS = st.fixed_dictionaries(
+    {"species": PLAUSIBLE["species"], "engine": spellings([ENGINE_SVD])},
+    optional={k: v for k, v in PLAUSIBLE.items() if k not in ("species", "engine", "behaviour")},
+)
+REQUEST_DICTS = PLAUSIBLE_DICTS | SVD_DICTS | WILD_DICTS
 
 
 def cut(text: str) -> st.SearchStrategy[str]:
@@ -220,13 +237,17 @@ def parsed_or_refused(kind: str, data: object) -> Request | None:
         check_refusal(error, data)
         event(f"{kind}: refused for {error.field if error.field in FIELD_NAMES else 'other'}")
         return None
-    event(f"{kind}: valid")
+    event(f"{kind}: valid" + (" svd" if getattr(request, "engine", None) == ENGINE_SVD else ""))
+    # The text sent (a client image itself; the canonical form holds its digest) is the request again.
     text = request.canonical_json()
-    again = parse(text)
+    again = parse(request.to_json())
     assert again == request and again.canonical_json() == text
     assert parse(request.to_dict()) == request and parse(request) is request
     assert again.resolved_seed() == request.resolved_seed()
     assert LIMITS.seed.contains(request.resolved_seed())
+    if isinstance(request, AnimationRequest) and request.engine == ENGINE_SVD and request.image is None:
+        still = request.still_request()  # an svd clip without an image draws a valid still
+        assert isinstance(still, ImageRequest) and still.seed == request.seed
     return request
 
 
@@ -236,6 +257,7 @@ def parsed_or_refused(kind: str, data: object) -> Request | None:
 @example(fields={"species": "\ud800"})
 @example(fields={"\ud800": 1})
 @example(fields={"species": "x", "duration_seconds": float("inf")})
+@example(fields={"species": "x", "engine": "SVD", "image": "aGVsbG8=", "fps": 6, "duration_seconds": 0.5})
 def test_request_mappings_give_a_request_that_round_trips_or_a_request_error(fields: dict) -> None:
     for kind in PARSERS:
         parsed_or_refused(kind, fields)

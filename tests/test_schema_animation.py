@@ -16,6 +16,7 @@ from birdgen.schema import (
     DEFAULT_LIMITS,
     LIMITS,
     MISSING,
+    SVD_FIELDS,
     AnimationRequest,
     ImageRequest,
     Limits,
@@ -118,8 +119,12 @@ def test_defaults(lib: PromptLibrary) -> None:
     )
     assert request.scientific_name is request.species_id is request.family is None
     assert request.prompt is request.negative_prompt is None and request.poster_frame == 0
+    assert request.engine == "animatediff"
+    assert all(getattr(request, name) is None for name in SVD_FIELDS)  # an svd request's alone
+    # The engine before the fields whose ranges it decides, the SVD fields last (test_svd_request.py).
     assert [
         *IMAGE_FIELDS[:4],
+        "engine",
         "behaviour",
         *IMAGE_FIELDS[5:13],
         "duration_seconds",
@@ -128,6 +133,7 @@ def test_defaults(lib: PromptLibrary) -> None:
         "poster_frame",
         "prompt",
         "negative_prompt",
+        *SVD_FIELDS,
     ] == FIELD_NAMES
 
 
@@ -162,7 +168,8 @@ DURATION = "a number 2..5 seconds, with duration × fps a whole number of frames
 BAD = [
     # (request fields, field named, text the allowed part must contain)
     ({"colour": "red"}, "colour", "behaviour, season, lighting"),
-    ({"pose": "perched"}, "pose", "duration_seconds, fps, format"),  # an image field
+    ({"pose": "perched"}, "pose", "null with engine animatediff; with engine svd: the drawn still's pose"),
+    ({"control": None}, "control", "duration_seconds, fps, format"),  # an image field
     ({"behaviour": "moonwalking"}, "behaviour", "flying, feeding, singing"),
     ({"behaviour": ""}, "behaviour", "flying, feeding, singing"),
     ({"behaviour": None}, "behaviour", "flying, feeding, singing"),
@@ -239,7 +246,10 @@ def test_too_many_frames_names_duration(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_unknown_fields_first_then_fields_in_declaration_order() -> None:
-    assert error_for({"species": "x", "behaviour": "bad", "pose": "perched"}).field == "pose"
+    assert error_for({"species": "x", "behaviour": "bad", "control": None}).field == "control"
+    # The engine before anything else (it decides the others' ranges), an SVD field in its place.
+    assert error_for({"species": 3, "behaviour": "bad", "engine": "sora"}).field == "engine"
+    assert error_for({"species": "x", "behaviour": "bad", "pose": "perched"}).field == "behaviour"
     assert error_for({"width": 3, "behaviour": "bad", "species": "x"}).field == "behaviour"
     assert error_for({"fps": 3, "duration_seconds": 9, "steps": 9, "species": "x"}).field == "steps"
     assert error_for({"fps": 3, "duration_seconds": 9, "species": "x"}).field == "duration_seconds"
@@ -329,7 +339,7 @@ def test_request_is_frozen_and_hashable() -> None:
 def test_canonical_json_is_sorted_compact_and_complete() -> None:
     text = AnimationRequest(species="Mésange charbonnière").canonical_json()
     data = json.loads(text)
-    assert list(data) == sorted(FIELD_NAMES)
+    assert list(data) == sorted(set(FIELD_NAMES) - {"engine", *SVD_FIELDS})  # an svd request's alone
     assert ", " not in text and ": " not in text and "Mésange charbonnière" in text
     assert (data["duration_seconds"], data["fps"], data["format"], data["steps"]) == (2.0, 8, "both", 4)
 
@@ -379,6 +389,15 @@ CHANGES = {
     "poster_frame": 7,
     "prompt": "a robin",
     "negative_prompt": "cats",
+    # A dict value: the fields it sets (an SVD field comes with the engine that takes it).
+    "engine": {"engine": "svd"},
+    "image": {"engine": "svd", "image": "aGVsbG8="},
+    "pose": {"engine": "svd", "pose": "flying"},
+    "motion_bucket_id": {"engine": "svd", "motion_bucket_id": 180},
+    "noise_aug_strength": {"engine": "svd", "noise_aug_strength": 0.1},
+    "min_guidance_scale": {"engine": "svd", "min_guidance_scale": 2},
+    "max_guidance_scale": {"engine": "svd", "max_guidance_scale": 2.5},
+    "decode_chunk_size": {"engine": "svd", "decode_chunk_size": 7},
 }
 
 
