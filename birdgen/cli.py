@@ -68,6 +68,7 @@ def _export(args: argparse.Namespace) -> int:
         motion_adapter=args.motion_adapter,
         max_frames=args.max_frames,
         controlnets=dict(_key_path("--controlnet", value) for value in args.controlnet),
+        svd=args.svd,
         entry_instances=args.entry_instances,
         force=args.force,
         signing_key=args.signing_key or signing_key_from_env(),
@@ -201,11 +202,18 @@ def _generate_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def animation_request_fields(args: argparse.Namespace) -> dict[str, object]:
+    """`birdgen generate animation`'s flags as the request's fields: `--image FILE` is the svd
+    request's `image` as a Path, which the client reads, base64-encodes and decodes before sending
+    (a bad file is the one-line error naming `image`)."""
+    return _request_fields(args, AnimationRequest)
+
+
 def _generate_animation(args: argparse.Namespace) -> int:
     from birdgen.client import BirdClient
 
     with BirdClient(args.url, deadline_s=args.timeout) as client:
-        clip = client.generate_animation(**_request_fields(args, AnimationRequest))
+        clip = client.generate_animation(**animation_request_fields(args))
     written = clip.save(args.out, gif=args.gif, poster=args.poster)
     print(json.dumps(clip.metadata, indent=2, sort_keys=True))
     print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
@@ -441,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: MODEL_DIR/controlnet-KIND where present); repeat per kind",
     )
     p.add_argument(
+        "--svd",
+        type=Path,
+        metavar="PATH",
+        help="a Stable Video Diffusion folder (stable-video-diffusion-img2vid(-xt) layout) for the "
+        "svd_* stages (default: MODEL_DIR/svd when present)",
+    )
+    p.add_argument(
         "--max-frames",
         type=int,
         help="longest clip this deployment serves, in frames (default: what the last export into "
@@ -508,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poster", type=Path, help="also write the PNG poster frame here")
     p.add_argument("--timeout", type=float, default=300.0)
     _add_request_arguments(p, AnimationRequest)
+    p.add_argument(
+        "--image",
+        type=Path,
+        metavar="FILE",
+        help="with --engine svd: a PNG or JPEG picture to animate (without it the server draws the "
+        "still from the request's subject and --pose)",
+    )
     p.set_defaults(run=_generate_animation)
 
     p = commands.add_parser("demo", help="tiny model -> export -> Triton -> one labelled image under --out")

@@ -45,6 +45,8 @@ MANIFEST_SIGNATURE = "manifest.json.sig"  # repository root: Ed25519 signature o
 SIGNING_KEY = "manifest-signing.key"
 PUBLIC_KEY = "manifest-signing.pub"
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")  # the two CLIP tokenizers, diffusers folder names
+# An entry's version folder, with SVD exported: the SVD scheduler config and CLIP image normalisation.
+SVD_SCHEDULER_DIR, SVD_FEATURE_EXTRACTOR_DIR = "svd_scheduler", "svd_feature_extractor"
 MOTION_ADAPTER = "motion_adapter"  # model folder: the AnimateDiff motion adapter
 CONTROLNET_KINDS = ("openpose", "depth")  # request order, the order of diffusers' MultiControlNetModel
 # Stable Video Diffusion (issue 18, docs/svd.md): its diffusers folder inside a model folder (the tiny

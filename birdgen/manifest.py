@@ -19,6 +19,7 @@ from birdgen.contracts import (
     IMAGE_MODEL,
     MANIFEST,
     MANIFEST_SIGNATURE,
+    SVD_STAGES,
     TARGET_FILE,
     controlnet_model,
 )
@@ -65,13 +66,13 @@ def read_manifest(repo: Path) -> dict[str, Any]:
 
 def core_models(repository: Path) -> list[str]:
     """The models a server loads at start: the entry models and the base stages. Family UNets and the
-    ControlNet stages load on first use, so a server without that traffic holds no memory for them."""
+    ControlNet and SVD stages load on first use, so a server without that traffic holds no memory for them."""
     manifest = read_manifest(repository)
     if not manifest:
         raise FileNotFoundError(
             f"{repository} has no {MANIFEST}: export a model into it first (birdgen export)"
         )
-    on_use = {*map(controlnet_model, manifest.get("controlnets", ())), CONTROLLED_UNET}
+    on_use = {*map(controlnet_model, manifest.get("controlnets", ())), CONTROLLED_UNET, *SVD_STAGES}
     return [
         *manifest.get("entries", [IMAGE_MODEL]),
         *(name for name in manifest["stages"] if name not in on_use),

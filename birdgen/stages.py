@@ -13,9 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from birdgen.contracts import CONTROLLED_UNET, controlnet_model
+from birdgen.contracts import (
+    CONTROLLED_UNET,
+    SVD_IMAGE_ENCODER,
+    SVD_UNET,
+    SVD_VAE_DECODER,
+    SVD_VAE_ENCODER,
+    controlnet_model,
+)
 from birdgen.free_noise import CONTEXT_LENGTH, context_windows
-from birdgen.model_folder import ModelDims
+from birdgen.model_folder import ModelDims, SvdDims
 from birdgen.schema import LIMITS
 
 # Triton datatype names and their numpy types.
@@ -38,6 +45,12 @@ CONTEXT_INPUTS = ("context_frames", "context_blend")
 # A ControlNet stage's own inputs: the control image (uint8 HWC, as the VAE decoder's output) and one
 # conditioning scale per batch item.
 CONTROL_IMAGE, CONTROL_SCALE = "controlnet_cond", "conditioning_scale"
+# Stable Video Diffusion (docs/svd.md): the longest clip (img2vid-xt's 25 frames, limits.yaml's
+# svd.max_frames), the request's default decode chunk (the decoder's opt point), and the chunk sample
+# inputs use where none is asked for (small: a decode costs chunk full-size frames).
+SVD_MAX_FRAMES = 25
+SVD_DEFAULT_CHUNK = 8
+SAMPLE_CHUNK = 2
 # The spatial axes: the latent, the image (VAE factor times the latent), and the latent divided by 2**k at
 # each UNet downsampling k >= 1 (`latent_height_2`, `latent_height_4`, ...: the ControlNet residuals).
 DIRECTIONS = ("height", "width")
@@ -77,6 +90,12 @@ class StageSpec:
     # vocabulary): Triton's response cache may answer them. Latents never repeat, so only the text
     # encoders are.
     cacheable: bool = False
+    # Inputs whose random sample values must lie in a range to be plausible (the SVD UNet's timestep
+    # and added_time_ids): name -> (low, high), each broadcast over the tensor's last axis. Only the
+    # sample values depend on it, not the engine, so it stays out of repr (the export cache key).
+    sample_ranges: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def sample_inputs(
         self, batch: int, sizes: dict[str, int], vocab_size: int, seed: int = 0
@@ -93,6 +112,9 @@ class StageSpec:
                 out[t.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
             elif t.dtype == "UINT8":  # pixels
                 out[t.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+            elif t.name in self.sample_ranges:
+                low, high = self.sample_ranges[t.name]
+                out[t.name] = rng.uniform(low, high, size=shape).astype(NUMPY_TYPES[t.dtype])
             elif t.name == "timestep":
                 out[t.name] = rng.uniform(1, 999, size=shape).astype(np.float32)
             elif t.name == CONTROL_SCALE:  # the request range (limits.yaml control.scale)
@@ -102,7 +124,7 @@ class StageSpec:
         return out
 
 
-def _latent_axes(dims: ModelDims) -> dict[str, tuple[int, int, int]]:
+def _latent_axes(dims: ModelDims | SvdDims) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of the latent axes: limits.yaml's image sizes over the VAE factor."""
     factor = dims.vae_scale_factor
     return {
@@ -317,21 +339,109 @@ def scaled_axes(spec: StageSpec) -> dict[str, tuple[str, int]]:
     return found
 
 
+def svd_stage_specs(svd: SvdDims, max_frames: int, max_chunk: int = 0) -> dict[str, StageSpec]:
+    """Stable Video Diffusion's four stages (docs/svd.md, "Stage split"), clips of 2..`max_frames`
+    frames decoded in chunks of 1..`max_chunk` frames (default: a whole clip at once)."""
+    if max_frames < 2:
+        raise ValueError(f"SVD max_frames {max_frames}: a clip has at least 2 frames")
+    max_chunk = max_chunk or max_frames
+    channels, embed, clip = svd.latent_channels, svd.image_embed_dim, svd.clip_size
+    latent_hw = _latent_axes(svd)
+    factor = svd.vae_scale_factor
+    image_hw = {f"image_{d}": tuple(v * factor for v in latent_hw[f"latent_{d}"]) for d in DIRECTIONS}
+    frames = {"frames": (2, min(svd.default_frames, max_frames), max_frames)}
+    chunk = {"chunk": (1, min(SVD_DEFAULT_CHUNK, max_chunk), max_chunk)}
+    latent = (channels, "latent_height", "latent_width")
+    clip_latent = ("frames", *latent)
+    specs = [
+        StageSpec(
+            name=SVD_IMAGE_ENCODER,
+            inputs=(TensorSpec("pixel_values", "FP32", (3, clip, clip)),),
+            outputs=(TensorSpec("image_embeds", "FP32", (embed,)),),
+            max_batch_size=8,
+            preferred_batch_sizes=(4, 8),
+        ),
+        StageSpec(
+            name=SVD_VAE_ENCODER,
+            inputs=(TensorSpec("image", "FP32", (3, "image_height", "image_width")),),
+            outputs=(TensorSpec("image_latents", "FP32", latent),),
+            max_batch_size=4,
+            preferred_batch_sizes=(2, 4),
+            dynamic_axes={**latent_hw, **image_hw},  # type: ignore[dict-item]
+        ),
+        StageSpec(
+            name=SVD_UNET,
+            inputs=(
+                TensorSpec("sample", "FP32", clip_latent),
+                TensorSpec("image_latents", "FP32", latent),
+                TensorSpec("timestep", "FP32", (1,)),
+                TensorSpec("image_embeds", "FP32", (embed,)),
+                TensorSpec("added_time_ids", "FP32", (svd.added_time_ids,)),
+            ),
+            outputs=(TensorSpec("noise_pred", "FP32", clip_latent),),
+            max_batch_size=4,
+            # A clip's CFG halves, and concurrent clips of one size and length, merge here.
+            preferred_batch_sizes=(2, 4),
+            dynamic_axes={**frames, **latent_hw},
+            # EDM timesteps 0.25 ln sigma for sigma in [0.002, 700]; fps - 1, motion bucket, noise
+            # augmentation within the request limits.
+            sample_ranges={"timestep": ((-1.6,), (1.7,)), "added_time_ids": ((4, 1, 0), (29, 255, 1))},
+        ),
+        StageSpec(
+            name=SVD_VAE_DECODER,
+            inputs=(TensorSpec("latent", "FP32", ("chunk", *latent)),),
+            outputs=(TensorSpec("image", "UINT8", ("chunk", "image_height", "image_width", 3)),),
+            max_batch_size=4,
+            preferred_batch_sizes=(2, 4),
+            dynamic_axes={**chunk, **latent_hw},
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
+def svd_info(svd: SvdDims, max_frames: int) -> dict:
+    """What manifest.json and pipeline.json record of the SVD stages (`"svd"`; null without them)."""
+    return {**svd.to_dict(), "max_frames": max_frames}
+
+
+def svd_from_info(info: dict) -> tuple[SvdDims, int] | None:
+    """The SvdDims and max frames a manifest or pipeline.json records; None when exported without SVD."""
+    svd = info.get("svd")
+    if not svd:
+        return None
+    svd = dict(svd)
+    max_frames = int(svd.pop("max_frames"))
+    return SvdDims.from_dict(svd), max_frames
+
+
 def repository_specs(info: dict) -> dict[str, StageSpec]:
     """The stages an exported repository serves, from its manifest.json or pipeline.json."""
     dims = ModelDims.from_dict(info["dims"])
     specs = stage_specs(dims)
     if info.get("motion_max_frames"):
         specs["motion_unet"] = motion_unet_spec(dims, info["motion_max_frames"])
-    return specs | control_stage_specs(dims, tuple(info.get("controlnets", ())))
+    specs |= control_stage_specs(dims, tuple(info.get("controlnets", ())))
+    svd = svd_from_info(info)
+    if svd is not None:
+        specs |= svd_stage_specs(*svd)
+    return specs
 
 
-def image_sizes(dims: ModelDims, latent_height: int, latent_width: int, frames: int = 0) -> dict[str, int]:
-    """All named axes for one latent size (and clip length, with its context windows)."""
+def image_sizes(
+    dims: ModelDims | SvdDims, latent_height: int, latent_width: int, frames: int = 0, chunk: int = 0
+) -> dict[str, int]:
+    """All named axes for one latent size (and clip length, with its context windows, and SVD decode
+    chunk: SAMPLE_CHUNK frames unless given)."""
     frames = frames or CONTEXT_LENGTH
     windows, length = context_windows(frames)[0].shape
     spatial = spatial_sizes(latent_height, latent_width, dims.vae_scale_factor, dims.unet_levels)
-    return {"frames": frames, "windows": windows, "window_length": length, **spatial}
+    return {
+        "frames": frames,
+        "windows": windows,
+        "window_length": length,
+        "chunk": chunk or min(frames, SAMPLE_CHUNK),
+        **spatial,
+    }
 
 
 def captured_sizes(spec: StageSpec, sizes_px: Sequence[int] = CAPTURED_SIZES_PX) -> list[dict[str, int]]:
@@ -349,9 +459,12 @@ def captured_sizes(spec: StageSpec, sizes_px: Sequence[int] = CAPTURED_SIZES_PX)
     factor = COMMON_SIZE_PX // opt
     levels = 1 + max((k for k in range(1, 16) if scaled_axis("height", 2**k) in axes), default=0)
     clip: dict[str, int] = {}
-    if "frames" in axes:
-        windows, length = context_windows(CONTEXT_LENGTH)[0].shape
-        clip = {"frames": CONTEXT_LENGTH, "windows": windows, "window_length": length}
+    if "frames" in axes:  # the opt point: the default clip length (motion_unet's context window)
+        frames = axes["frames"][1]
+        windows, length = context_windows(frames)[0].shape
+        clip = {"frames": frames, "windows": windows, "window_length": length}
+    if "chunk" in axes:
+        clip["chunk"] = axes["chunk"][1]
     found = []
     for px in sizes_px:
         if low <= px // factor <= high:

@@ -56,7 +56,7 @@ class AsyncBirdClient(ClientBase):
 
         Control images are decoded for the local check in a worker thread, off the event loop."""
         call = image_call(request, fields, check_images=False)
-        if call.control_images():
+        if call.has_images():
             await asyncio.to_thread(call.check_images)
         attempts = self._attempts(deadline_s)
         return as_image(await self._cached(call, attempts, lambda: self._generate(call, attempts)))
@@ -69,8 +69,12 @@ class AsyncBirdClient(ClientBase):
         deadline_s: float | None = None,
         **fields: Any,
     ) -> GeneratedAnimation:
-        """Generate one clip; with `on_progress`, streamed as by BirdClient.generate_animation."""
-        call = animation_call(request, fields, stream=on_progress is not None)
+        """Generate one clip; with `on_progress`, streamed as by BirdClient.generate_animation.
+
+        An svd request's `image` is decoded for the local check in a worker thread, off the event loop."""
+        call = animation_call(request, fields, stream=on_progress is not None, check_images=False)
+        if call.has_images():
+            await asyncio.to_thread(call.check_images)
         attempts = self._attempts(deadline_s)
         entry = await self._cached(call, attempts, lambda: self._generate(call, attempts, on_progress))
         return as_animation(entry)

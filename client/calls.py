@@ -28,7 +28,12 @@ from tritonclient.grpc import (
 from tritonclient.utils import InferenceServerException
 
 from birdgen.client.cache import CacheEntry, Derivation, ResponseCache
-from birdgen.client.control_images import check_control_image, encode_control_images
+from birdgen.client.control_images import (
+    check_animation_image,
+    check_control_image,
+    encode_animation_image,
+    encode_control_images,
+)
 from birdgen.client.errors import (
     AdminKeyRequiredError,
     BirdgenError,
@@ -308,16 +313,28 @@ class Call:
             return ()
         return tuple(s for s in self.request.control_settings() if s.image is not None)
 
+    def has_images(self) -> bool:
+        """Whether the request carries a client picture to check: a control image, or an svd
+        animation's `image`."""
+        if isinstance(self.request, AnimationRequest):
+            return self.request.image is not None
+        return bool(self.control_images())
+
     def check_images(self) -> None:
-        """Decode every control image as the entry model will (control_images.check_control_image),
-        so a bad picture fails here with the error the server would give, before anything is sent."""
+        """Decode every client picture as the entry model will (control_images.check_control_image at
+        the image's size, check_animation_image at the picture's own), so a bad picture fails here
+        with the error the server would give, before anything is sent."""
+        if isinstance(self.request, AnimationRequest):
+            check_animation_image(self.request)
+            return
         for setting in self.control_images():
             check_control_image(setting, self.request.width, self.request.height)
 
     def inputs(self) -> list[InferInput]:
-        """The request as sent: `to_json()`, the control images included. It equals the canonical
-        JSON (cache keys, seed) for every request without a control image, so those send exactly the
-        bytes they always did, and Triton's response cache, keyed on these bytes, keeps its entries."""
+        """The request as sent: `to_json()`, its client pictures included (base64). It equals the
+        canonical JSON (cache keys, seed) for every request without one (no control image, no svd
+        `image`), so those send exactly the bytes they always did, and Triton's response cache, keyed
+        on these bytes, keeps its entries."""
         tensor = InferInput(ENTRY_INPUT, [1], "BYTES")
         tensor.set_data_from_numpy(np.array([self.request.to_json().encode()], dtype=np.object_))
         return [tensor]
@@ -382,10 +399,25 @@ def image_call(
 
 
 def animation_call(
-    request: AnimationRequest | Mapping[str, Any] | None, fields: Mapping[str, Any], *, stream: bool
+    request: AnimationRequest | Mapping[str, Any] | None,
+    fields: Mapping[str, Any],
+    *,
+    stream: bool,
+    check_images: bool = True,
 ) -> Call:
+    """Validated with the server's own schema before anything is sent; the streaming twin's model
+    with `stream`.
+
+    An svd request's `image` (engine="svd") may be a Path, bytes or base64 text: files and bytes are
+    base64-encoded here. With `check_images` the picture is also decoded (Call.check_images); the
+    asyncio client does that in a worker thread instead.
+    """
     model = ANIMATION_STREAM_MODEL if stream else ANIMATION_MODEL
-    return Call(model, _parse(parse_animation_request, request, fields), ANIMATION_OUTPUTS)
+    data = request if request is not None else fields
+    call = Call(model, _parse(parse_animation_request, encode_animation_image(data), {}), ANIMATION_OUTPUTS)
+    if check_images:
+        call.check_images()
+    return call
 
 
 def _parse(parse: Callable[[Any], RequestT], request: Any, fields: Mapping[str, Any]) -> RequestT:

@@ -74,6 +74,12 @@ class BirdClient(ClientBase):
     ) -> GeneratedAnimation:
         """Generate one clip (behaviour, duration_seconds, fps, format webp|gif|both, ...).
 
+        `engine="svd"` animates one still with Stable Video Diffusion (docs/svd.md): `image` (a Path,
+        bytes or base64 text of a PNG or JPEG, decoded here first, so a bad picture fails before
+        sending), or without one the still the server draws from the request (`pose`, ...); SVD's
+        settings are `motion_bucket_id`, `noise_aug_strength`, `min_guidance_scale`,
+        `max_guidance_scale` and `decode_chunk_size`.
+
         With `on_progress`, the call streams from `bird_animation_stream` and hands each progress
         message ({"stage": "denoise" | "decode", "done", "total"}) to it before returning the clip
         (none on a cache hit; after a retry, progress starts again).

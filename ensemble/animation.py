@@ -119,8 +119,8 @@ class AnimationPipeline(ImagePipeline):
         if still is None:
             source = {
                 "source": "client",
-                "image_sha256": request.image_sha256,
-                "image_bytes": request.image_bytes,
+                "image_sha256": request.image.sha256,
+                "image_bytes": request.image.nbytes,
             }
         else:
             keep = ("prompt", "seed", "steps", "model_version", "unet", "lora", "family", "request")

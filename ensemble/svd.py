@@ -31,10 +31,15 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from birdgen.contracts import SVD_IMAGE_ENCODER, SVD_UNET, SVD_VAE_DECODER, SVD_VAE_ENCODER
+from birdgen.contracts import (
+    SVD_FEATURE_EXTRACTOR_DIR,
+    SVD_IMAGE_ENCODER,
+    SVD_SCHEDULER_DIR,
+    SVD_UNET,
+    SVD_VAE_DECODER,
+    SVD_VAE_ENCODER,
+)
 
-# Folders of the entry's version folder that export copies from the SVD folder.
-SVD_SCHEDULER_DIR, SVD_FEATURE_EXTRACTOR_DIR = "svd_scheduler", "svd_feature_extractor"
 Progress = Callable[[str, int, int], None] | None
 
 

@@ -40,6 +40,10 @@ from birdgen.contracts import (
     MANIFEST_SIGNATURE,
     MOTION_ADAPTER,
     PIPELINE_FILE,
+    SVD_FEATURE_EXTRACTOR_DIR,
+    SVD_FOLDER,
+    SVD_SCHEDULER_DIR,
+    SVD_UNET,
     TOKENIZER_DIRS,
     controlnet_folder,
     controlnet_model,
@@ -48,10 +52,25 @@ from birdgen.contracts import (
 from birdgen.engines import EngineKind, engine_kind
 from birdgen.free_noise import CONTEXT_LENGTH
 from birdgen.manifest import read_manifest, repository_files, sha256_file, tree_hashes
-from birdgen.model_folder import ModelDims, check_controlnet, check_model_folder, load_motion_adapter
+from birdgen.model_folder import (
+    ModelDims,
+    SvdDims,
+    check_controlnet,
+    check_model_folder,
+    load_motion_adapter,
+)
 from birdgen.schema import ANIMATION, LIMITS, ServingLimits
 from birdgen.signing import check_private_key, sign
-from birdgen.stages import StageSpec, control_stage_specs, image_sizes, motion_unet_spec, stage_specs
+from birdgen.stages import (
+    SVD_MAX_FRAMES,
+    StageSpec,
+    control_stage_specs,
+    image_sizes,
+    motion_unet_spec,
+    stage_specs,
+    svd_info,
+    svd_stage_specs,
+)
 from birdgen.triton_install import MODEL_BOOTSTRAP
 
 if TYPE_CHECKING:
@@ -70,6 +89,11 @@ CHECK_TOLERANCE = {"FP32": 1e-3, "UINT8": 1}
 # Clip lengths the motion UNet is traced and checked at: three context windows (so no window axis is
 # traced at 1 and frozen), and 18 frames, whose last window is a tail window.
 CLIP_FRAMES = (24, 18)
+# Where the SVD stages are traced and checked: (batch, (latent height, latent width), frames, decode
+# chunk). The smallest request size (256 px): a decode costs chunk full-size frames; short clips,
+# batch 2 (a clip's CFG halves) and every dynamic axis at two values, none equal to another's.
+SVD_TRACE = (2, (32, 32), 3, 3)
+SVD_CHECKS = ((1, (32, 32), 3, 2), (2, (32, 40), 5, 1))
 
 
 def _versions() -> dict[str, str]:
@@ -109,14 +133,33 @@ def _max_abs_error(
     return worst
 
 
-def check_engine(spec: StageSpec, module: Any, engine: Any, dims: ModelDims) -> float:
-    """Max |engine - torch| over random inputs at two batch sizes and two spatial sizes."""
+def _sample(
+    spec: StageSpec,
+    dims: ModelDims | SvdDims,
+    batch: int,
+    latent: tuple[int, int],
+    frames: int,
+    chunk: int = 0,
+) -> dict[str, np.ndarray]:
+    sizes = image_sizes(dims, *latent, frames, chunk)
+    return spec.sample_inputs(
+        min(batch, spec.max_batch_size), sizes, getattr(dims, "vocab_size", 1), seed=batch
+    )
+
+
+def check_engine(spec: StageSpec, module: Any, engine: Any, dims: ModelDims | SvdDims) -> float:
+    """Max |engine - torch| over random inputs at two batch sizes and two spatial sizes (and clip
+    lengths); `dims` are the ones the stage's sizes derive from (SvdDims for the SVD stages)."""
     import torch
 
     worst = 0.0
-    checks = ((1, (64, 64), CLIP_FRAMES[0]), (min(2, spec.max_batch_size), (32, 48), CLIP_FRAMES[1]))
-    for batch, (lh, lw), frames in checks:
-        sample = spec.sample_inputs(batch, image_sizes(dims, lh, lw, frames), dims.vocab_size, seed=batch)
+    checks = (
+        SVD_CHECKS
+        if isinstance(dims, SvdDims)
+        else ((1, (64, 64), CLIP_FRAMES[0], 0), (2, (32, 48), CLIP_FRAMES[1], 0))
+    )
+    for batch, latent, frames, chunk in checks:
+        sample = _sample(spec, dims, batch, latent, frames, chunk)
         with torch.no_grad():
             outs = module(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
         want = {t.name: o.numpy() for t, o in zip(spec.outputs, outs, strict=True)}
@@ -148,7 +191,7 @@ def _build_stage(
     spec: StageSpec,
     module: Any,
     kind: Any,
-    dims: ModelDims,
+    dims: ModelDims | SvdDims,
     version_dir: Path,
     base: tuple[Path, list[str]] | None = None,
 ) -> dict[str, Any]:
@@ -163,8 +206,8 @@ def _build_stage(
         record = _derived_stage(spec, module, kind, dims, version_dir, *base)
         if record is not None:
             return record
-    sizes = image_sizes(dims, 64, 64, CLIP_FRAMES[0])
-    sample = spec.sample_inputs(min(2, spec.max_batch_size), sizes, dims.vocab_size)
+    trace = SVD_TRACE if isinstance(dims, SvdDims) else (2, (64, 64), CLIP_FRAMES[0], 0)
+    sample = _sample(spec, dims, *trace)
     artifacts = kind.build(spec, module, sample, version_dir)
     error = check_engine(spec, module, kind.load(spec, version_dir), dims)
     write_model_py("stage", version_dir)
@@ -175,7 +218,7 @@ def _derived_stage(
     spec: StageSpec,
     module: Any,
     kind: Any,
-    dims: ModelDims,
+    dims: ModelDims | SvdDims,
     version_dir: Path,
     base_dir: Path,
     names: list[str],
@@ -216,6 +259,9 @@ class StagePlan:
     # Where a family's version of this stage sits in the family's manifest record (None: the record
     # itself); the served layout, which the entry models and rollbacks read.
     family_slot: str | None = None
+    # The dims the stage's sample and check sizes derive from: None for the model's (ModelDims),
+    # SvdDims for the SVD stages.
+    dims: SvdDims | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +279,14 @@ class ExportInputs:
     # ControlNet folders by kind, in CONTROLNET_KINDS order: their stages and controlled_unet are
     # exported when there is one.
     controlnets: dict[str, Path] = dataclasses.field(default_factory=dict)
+    # The Stable Video Diffusion folder (docs/svd.md): its four stages are exported when there is one.
+    svd: Path | None = None
+    svd_dims: SvdDims | None = None
+
+    @property
+    def svd_info(self) -> dict[str, Any] | None:
+        """manifest.json's and pipeline.json's `svd`: the SVD dims and longest clip, or None."""
+        return None if self.svd_dims is None else svd_info(self.svd_dims, SVD_MAX_FRAMES)
 
 
 def export_repository(
@@ -250,6 +304,7 @@ def export_repository(
     progress: Callable[[str], None] = print,
     signing_key: Path | None = None,
     jobs: int = 1,
+    svd: Path | None = None,
 ) -> dict[str, Any]:
     """Export `model_dir` (and any family LoRAs) into the Triton repository `out`; return the manifest.
 
@@ -262,7 +317,9 @@ def export_repository(
     the request limit where GPU memory is short, and like the families it stays as an earlier export
     set it unless given again. `controlnets` (kind -> ControlNet folder; by default the folder's
     `controlnet-<kind>` ones, where the tiny model writes them) adds each kind's ControlNet stage and
-    the UNet that takes their residuals. `device` is where the stages will be hosted (see `engine_kind`).
+    the UNet that takes their residuals. `svd` (a Stable Video Diffusion folder; by default the
+    folder's `svd`, where the tiny model writes it; checked by check_svd_folder) adds the four SVD
+    stages. `device` is where the stages will be hosted (see `engine_kind`).
     `serving` bounds the entry models' queues (limits.yaml's; a test passes a tiny one).
     With `signing_key` (an Ed25519 private key PEM, `birdgen keygen`) the manifest is signed into
     manifest.json.sig; without it an earlier signature is removed, since it no longer matches.
@@ -273,7 +330,9 @@ def export_repository(
     out = Path(out)
     if signing_key is not None:
         check_private_key(signing_key)  # before the export's minutes, not after them
-    inputs = resolve_inputs(model_dir, out, engine, device, loras, motion_adapter, max_frames, controlnets)
+    inputs = resolve_inputs(
+        model_dir, out, engine, device, loras, motion_adapter, max_frames, controlnets, svd
+    )
     out.mkdir(parents=True, exist_ok=True)
     plans = plan_stages(inputs)
     stages = _export_stages(out, plans, inputs, force, jobs, progress)
@@ -295,8 +354,10 @@ def resolve_inputs(
     motion_adapter: Path | None,
     max_frames: int | None,
     controlnets: Mapping[str, Path] | None = None,
+    svd: Path | None = None,
 ) -> ExportInputs:
-    """The folder, engine kind, LoRAs, motion and ControlNet settings, checked before anything is written."""
+    """The folder, engine kind, LoRAs, motion, ControlNet and SVD settings, checked before anything is
+    written."""
     from birdgen.catalogue import Catalogue
     from birdgen.export.lora import validate_loras
 
@@ -308,11 +369,14 @@ def resolve_inputs(
     lora_infos = validate_loras(model_dir, families)
     previous = read_manifest(out)
     nets = _controlnet_folders(model_dir, controlnets or {})
+    svd_dir = Path(svd).resolve() if svd else model_dir / SVD_FOLDER
+    svd_dims = SvdDims.from_folder(svd_dir) if svd or svd_dir.is_dir() else None  # check_svd_folder
+    video = {"svd": svd_dir if svd_dims else None, "svd_dims": svd_dims}
     adapter = Path(motion_adapter).resolve() if motion_adapter else model_dir / MOTION_ADAPTER
     if not (motion_adapter or adapter.is_dir()):  # no motion UNet, no animation entries
-        return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, None, 0, nets)
+        return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, None, 0, nets, **video)
     frames = _motion_max_frames(adapter, max_frames or previous.get("motion_max_frames"))
-    return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, adapter, frames, nets)
+    return ExportInputs(model_dir, dims, engine, kind, lora_infos, previous, adapter, frames, nets, **video)
 
 
 def _controlnet_folders(model_dir: Path, given: Mapping[str, Path]) -> dict[str, Path]:
@@ -348,9 +412,10 @@ def _motion_max_frames(adapter: Path, max_frames: int | None) -> int:
 
 def plan_stages(inputs: ExportInputs) -> dict[str, StagePlan]:
     """The stages to export, in export order: SDXL's four, the motion UNet with an adapter, then each
-    ControlNet and the UNet taking their residuals."""
+    ControlNet and the UNet taking their residuals, then SVD's four with an SVD folder."""
     from birdgen.engines.modules import (
         STAGE_PARTS,
+        SVD_STAGE_PARTS,
         ControlledUNet,
         UNet,
         controlled_unet_module,
@@ -358,6 +423,7 @@ def plan_stages(inputs: ExportInputs) -> dict[str, StagePlan]:
         motion_unet,
         motion_unet_module,
         stage_module,
+        svd_stage_module,
     )
 
     model_dir = inputs.model_dir
@@ -398,6 +464,11 @@ def plan_stages(inputs: ExportInputs) -> dict[str, StagePlan]:
             family_module=ControlledUNet,
             family_slot="controlled",
         )
+    if inputs.svd is not None and inputs.svd_dims is not None:
+        for name, spec in svd_stage_specs(inputs.svd_dims, SVD_MAX_FRAMES).items():
+            _, part = SVD_STAGE_PARTS[name]
+            module = functools.partial(svd_stage_module, inputs.svd, name)
+            plans[name] = StagePlan(spec, (inputs.svd / part,), module, dims=inputs.svd_dims)
     return plans
 
 
@@ -422,7 +493,8 @@ def _export_stage(
     progress(f"{spec.name}: exporting ({kind.name})")
     if version_dir.exists():
         shutil.rmtree(version_dir)
-    record = {"key": key, **_build_stage(spec, plan.module(), kind, inputs.dims, version_dir)}
+    dims = plan.dims or inputs.dims
+    record = {"key": key, **_build_stage(spec, plan.module(), kind, dims, version_dir)}
     progress(
         f"{spec.name}: done in {time.perf_counter() - start:.1f}s, "
         f"max |engine - torch| = {record['max_abs_error']:.3g}"
@@ -462,8 +534,9 @@ def _export_stages(
 
 
 # Stages whose export takes longest go to the workers first, so the pool ends together: the motion
-# UNet's dynamo trace (~60 s on 2 cores for the tiny model), then the UNets, then the rest.
-_EXPORT_ORDER = ("motion_unet", CONTROLLED_UNET, "unet")
+# UNet's dynamo trace (~60 s on 2 cores for the tiny model), the SVD UNet's (~35 s), then the UNets,
+# then the rest.
+_EXPORT_ORDER = ("motion_unet", SVD_UNET, CONTROLLED_UNET, "unet")
 
 
 def _export_in_processes(
@@ -651,6 +724,7 @@ def _write_manifest(
         "dims": inputs.dims.to_dict(),
         "motion_max_frames": inputs.motion_max_frames,
         "controlnets": list(inputs.controlnets),
+        "svd": inputs.svd_info,
         "entries": entries,
         "versions": _versions(),
         "stages": stages,
@@ -712,11 +786,19 @@ def _write_entry(
         "dims": inputs.dims.to_dict(),
         "motion_max_frames": inputs.motion_max_frames,
         "controlnets": list(inputs.controlnets),
+        "svd": inputs.svd_info,
         "families": served,
     }
     entries = {IMAGE_MODEL: IMAGE_OUTPUTS}
-    if inputs.motion_max_frames:
+    if inputs.motion_max_frames or inputs.svd:  # either animation engine
         entries |= {ANIMATION_MODEL: ANIMATION_OUTPUTS, ANIMATION_STREAM_MODEL: STREAM_OUTPUTS}
+    # The SVD loop's scheduler config and CLIP normalisation travel with the entries, as SDXL's do.
+    parts = {part: inputs.model_dir / part for part in ENTRY_PARTS}
+    if inputs.svd is not None:
+        parts |= {
+            SVD_SCHEDULER_DIR: inputs.svd / "scheduler",
+            SVD_FEATURE_EXTRACTOR_DIR: inputs.svd / "feature_extractor",
+        }
     for name, outputs in entries.items():
         versions = _version_dirs(out / name)
         version = versions[-1] if versions else 1
@@ -724,10 +806,10 @@ def _write_entry(
             version += 1
         version_dir = out / name / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
-        for part in ENTRY_PARTS:
+        for part, source in parts.items():
             if (version_dir / part).exists():
                 shutil.rmtree(version_dir / part)
-            shutil.copytree(inputs.model_dir / part, version_dir / part)
+            shutil.copytree(source, version_dir / part)
         write_model_py(name, version_dir)
         _write(version_dir / PIPELINE_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
         decoupled = name == ANIMATION_STREAM_MODEL

@@ -58,8 +58,10 @@ NDJSON = "application/x-ndjson"
 EINK_QUERY = {"eink_panel": "panel", "eink_palette": "palette", "eink_dither": "dither", "eink_fit": "fit"}
 RETRY_AFTER_UNAVAILABLE_S = 5
 ENTRY_MODELS = (IMAGE_MODEL, ANIMATION_MODEL)  # what /health reports
-# The one route whose body may carry control images: its own, larger body bound (max_image_body_bytes).
+# The routes whose bodies may carry a client picture, each with its own, larger body bound: control
+# images (max_image_body_bytes) and an svd animation's image (max_animation_body_bytes).
 IMAGE_ROUTE = "/api/v1/generate/image"
+ANIMATION_ROUTE = "/api/v1/generate/gif"
 
 
 def error_status(exc: BirdgenError) -> int:
@@ -130,7 +132,8 @@ def _provenance(metadata: dict[str, Any]) -> dict[str, str]:
 
 class BodyLimit:
     """413 for a body over `limit` bytes, whether announced (Content-Length) or streamed (chunked);
-    a path in `routes` has its own limit instead (the single image request, which may carry images)."""
+    a path in `routes` has its own limit instead (the single image and animation requests, which may
+    carry pictures)."""
 
     def __init__(self, app: ASGIApp, limit: int, routes: Mapping[str, int] | None = None) -> None:
         self.app, self.limit, self.routes = app, limit, dict(routes or {})
@@ -248,7 +251,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             expose_headers=["Retry-After", "X-AI-Generated", "X-Birdgen-Seed", "X-Birdgen-Model-Version"],
         )
     app.add_middleware(
-        BodyLimit, limit=settings.max_body_bytes, routes={IMAGE_ROUTE: settings.max_image_body_bytes}
+        BodyLimit,
+        limit=settings.max_body_bytes,
+        routes={
+            IMAGE_ROUTE: settings.max_image_body_bytes,
+            ANIMATION_ROUTE: settings.max_animation_body_bytes,
+        },
     )
 
     @app.middleware("http")
@@ -367,11 +375,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         }
         return {"metadata": clip.metadata, "files": files}
 
-    @app.post("/api/v1/generate/gif", openapi_extra=body_schema(AnimationRequest))
+    @app.post(ANIMATION_ROUTE, openapi_extra=body_schema(AnimationRequest))
     async def generate_animation(request: Request) -> Response:
         """One animation: animated WebP or GIF by `format` or by `Accept` (image/webp, image/gif);
         JSON with every file (`Accept: application/json`), or progress lines then the result
-        (`Accept: application/x-ndjson`)."""
+        (`Accept: application/x-ndjson`). With `"engine": "svd"` the body may carry the picture to
+        animate, base64 (`image`), hence this route's own body bound (max_animation_body_bytes)."""
         await limit(request)
         defaults = (
             {"format": GIF} if _wants(request, "image/gif") and not _wants(request, "image/webp") else {}

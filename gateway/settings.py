@@ -36,6 +36,12 @@ class GatewaySettings(BaseModel):
     max_image_body_bytes: int = Field(
         LIMITS.max_controlled_request_bytes, ge=1024, le=LIMITS.max_controlled_request_bytes
     )
+    # The bound of POST /api/v1/generate/gif alone, whose body may carry an svd animation's picture,
+    # base64 (LIMITS.max_svd_request_bytes, 11.2 MB); an AnimateDiff request, or an svd one whose
+    # still the server draws, fits max_body_bytes. A deployment may lower it, never raise it.
+    max_animation_body_bytes: int = Field(
+        LIMITS.max_svd_request_bytes, ge=1024, le=LIMITS.max_svd_request_bytes
+    )
     max_batch_items: int = Field(LIMITS.batch.max_items, ge=1, le=LIMITS.batch.max_items)
     deadline_s: float = Field(120.0, gt=0)  # one generation, end to end (the client's deadline)
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # how long a batch job and its results are kept

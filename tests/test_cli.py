@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from birdgen.cli import build_parser, image_request_fields
+from birdgen.cli import animation_request_fields, build_parser, image_request_fields
 from birdgen.client import BirdClient
-from birdgen.client.calls import image_call
+from birdgen.client.calls import animation_call, image_call
 from birdgen.media import read_metadata
 from birdgen.server import free_port
 
@@ -194,6 +195,56 @@ def test_control_mistakes_are_one_line_before_any_server_is_asked(tmp_path: Path
         done = run("generate", "image", *out, *flags)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr and url not in done.stderr
+
+
+def animation_args(*flags: str) -> dict[str, object]:
+    """`birdgen generate animation`'s request fields for `flags`, parsed in-process (no server)."""
+    args = build_parser().parse_args(
+        ["generate", "animation", "--species", "American Robin", "--out", "x", *flags]
+    )
+    return animation_request_fields(args)
+
+
+def test_engine_svd_and_image_flags_build_the_svd_request(tmp_path: Path) -> None:
+    picture = tmp_path / "robin.png"
+    Image.new("RGB", (48, 32), (200, 10, 10)).save(picture)
+    fields = animation_args(
+        "--engine", "svd", "--image", str(picture), "--motion-bucket-id", "90", "--noise-aug-strength",
+        "0.05", "--decode-chunk-size", "4", "--min-guidance-scale", "1.5", "--max-guidance-scale", "2.5",
+    )  # fmt: skip
+    assert fields == {
+        "species": "American Robin",
+        "engine": "svd",
+        "image": picture,
+        "motion_bucket_id": 90,
+        "noise_aug_strength": 0.05,
+        "decode_chunk_size": 4,
+        "min_guidance_scale": 1.5,
+        "max_guidance_scale": 2.5,
+    }
+    request = animation_call(fields, {}, stream=False).request  # the client reads, encodes and checks it
+    assert request.engine == "svd" and request.image is not None
+    assert request.image.text == base64.b64encode(picture.read_bytes()).decode()
+    assert (request.motion_bucket_id, request.decode_chunk_size) == (90, 4)
+    # Without --image the server draws the still (--pose); without --engine it is AnimateDiff as ever.
+    drawn = animation_call(animation_args("--engine", "SVD", "--pose", "singing"), {}, stream=False).request
+    assert (drawn.engine, drawn.image, drawn.pose) == ("svd", None, "singing")
+    assert animation_args("--behaviour", "flying") == {"species": "American Robin", "behaviour": "flying"}
+
+
+def test_svd_image_mistakes_are_one_line_before_any_server_is_asked(tmp_path: Path) -> None:
+    (tmp_path / "robin.png").write_bytes(b"not a picture")
+    url = f"127.0.0.1:{free_port()}"  # nothing listens: the errors below come before any call
+    out = ["--url", url, "--species", "American Robin", "--out", str(tmp_path / "x.webp")]
+    for flags, named in (
+        (["--engine", "svd", "--image", str(tmp_path / "robin.png")], "'image': got \"13 bytes starting"),
+        (["--engine", "svd", "--image", str(tmp_path / "missing.png")], "missing.png (No such file"),
+        (["--image", str(tmp_path / "robin.png")], "null with engine animatediff"),
+    ):
+        done = run("generate", "animation", *out, *flags)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr and url not in done.stderr
+        assert "'image'" in done.stderr
 
 
 def test_export_of_a_folder_missing_a_part_names_it(tiny_model: Path, tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from birdgen.schema import ImageRequest, RequestError
 from birdgen.server import free_port
 from tests.conftest import CLIP, ROBIN
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401
+from tests.test_svd_request import BEFORE_ENGINES
 from tests.triton_stats import requests_served
 
 # tests.test_animation's clip, without importing torch with it.
@@ -499,6 +500,95 @@ def test_the_cache_key_counts_a_control_image_by_its_bytes(tmp_path: Path) -> No
     material = {"format": "png", "model_version": "bird_image/1", "request": plain.to_dict()}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert cache_key(plain, "bird_image/1").endswith(digest)
+
+
+# -- svd animations: the picture to animate, encoded and checked here, sent whole, cached by digest ----
+SVD_CLIP = {k: v for k, v in CLIP.items() if k != "behaviour"} | {"engine": "svd", "steps": 2}
+
+
+def test_an_svd_image_from_a_path_bytes_or_base64_is_sent_base64(kind: str, tmp_path: Path) -> None:
+    png = png_bytes()
+    (tmp_path / "robin.png").write_bytes(png)
+    expected = base64.b64encode(png).decode()
+    progress: list[dict] = []
+    with serving(FakeTriton()) as url:
+        for image in (tmp_path / "robin.png", png, bytearray(png), memoryview(png), expected):
+            sent = generate(kind, url, "generate_animation", {**SVD_CLIP, "image": image}).metadata["request"]
+            assert (sent["engine"], sent["image"], sent["steps"]) == ("svd", expected, 2)
+        # As keywords, and streamed (bird_animation_stream): the same picture, the progress handed over.
+        fields = {**SVD_CLIP, "image": tmp_path / "robin.png", "on_progress": progress.append}
+        streamed = generate(kind, url, "generate_animation", call=fields)
+    assert streamed.metadata["request"]["image"] == expected
+    assert [p["done"] for p in progress] == [1, 2]
+
+
+def test_an_svd_request_without_an_image_sends_its_canonical_json() -> None:
+    for stream in (False, True):
+        call = animation_call({**SVD_CLIP, "pose": "Singing"}, {}, stream=stream)
+        assert not call.has_images() and call.request.still_request() is not None
+        assert sent_text(call) == call.request.canonical_json().encode()
+
+
+@pytest.mark.parametrize(
+    "image",
+    [b"not a picture at all", "missing.png", png_bytes()[:60]],
+    ids=["not-an-image", "missing-file", "truncated"],
+)
+def test_a_bad_svd_image_fails_before_sending_as_the_server_would(
+    kind: str, tmp_path: Path, image: bytes | str
+) -> None:
+    fake = FakeTriton()
+    source: Path | bytes = tmp_path / image if isinstance(image, str) else image
+    with serving(fake) as url:
+        for options in ({}, {"on_progress": print}):
+            with pytest.raises(InvalidRequestError, match=r"^invalid 'image'") as error:
+                generate(kind, url, "generate_animation", call={**SVD_CLIP, "image": source, **options})
+            if isinstance(image, bytes):  # the entry model's check (at the picture's own size), word for word
+                with pytest.raises(RequestError) as server_side:
+                    decode_input_image_base64(base64.b64encode(image).decode(), "image")
+                assert str(error.value) == str(server_side.value)
+            else:
+                assert "missing.png (No such file" in str(error.value)
+    assert fake.calls == []
+
+
+def test_an_image_on_an_animatediff_request_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidRequestError, match=r"^invalid 'image': .*null with engine animatediff"):
+        animation_call({**CLIP, "image": png_bytes()}, {}, stream=False)
+
+
+def test_animatediff_requests_send_the_bytes_they_sent_before_engines() -> None:
+    """Triton's response cache keys on the input's bytes: an AnimateDiff request's are still the
+    canonical JSON recorded before engines existed, spelt out or not, streamed or not."""
+    for fields, before, *_ in BEFORE_ENGINES:
+        for extra in ({}, {"engine": "AnimateDiff"}, {"engine": None, "image": None, "pose": None}):
+            for stream in (False, True):
+                call = animation_call({**fields, **extra}, {}, stream=stream)
+                assert not call.has_images()
+                assert sent_text(call) == before.encode()
+
+
+def test_an_svd_image_is_sent_whole_and_keyed_by_its_digest(tmp_path: Path) -> None:
+    png = png_bytes()
+    (tmp_path / "robin.png").write_bytes(png)
+    text = base64.b64encode(png).decode()
+    call = animation_call({**SVD_CLIP, "image": png}, {}, stream=True)
+    assert call.has_images() and call.cache_model == "bird_animation"
+    assert (
+        json.loads(sent_text(call)) == call.request.to_dict() and json.loads(sent_text(call))["image"] == text
+    )
+    assert json.loads(call.request.canonical_json())["image"] == {
+        "image_sha256": hashlib.sha256(png).hexdigest(),
+        "image_bytes": len(png),
+    }
+
+    def key(image: object) -> str:
+        request = animation_call({**SVD_CLIP, "image": image}, {}, stream=False).request
+        return cache_key(request, "bird_animation/1")
+
+    assert key(tmp_path / "robin.png") == key(png) == key(text) == cache_key(call.request, "bird_animation/1")
+    assert key(png_bytes((10, 200, 10))) != key(png)
+    assert key(None) != key(png)  # the drawn still is another clip
 
 
 # -- against the real Triton -------------------------------------------------------------------------

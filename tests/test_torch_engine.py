@@ -38,7 +38,8 @@ needs_cuda = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def torch_repository(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported with the torch kind for CPU hosting (~10 s: no ONNX, exact checks)."""
+    """The tiny model exported with the torch kind for CPU hosting (no ONNX, exact checks; the checks
+    run every stage at two sizes, the motion UNet's clips the longest, so two processes)."""
     repo = tmp_path_factory.mktemp("torch-repo") / "model_repository"
     manifest = export_repository(
         tiny_model,
@@ -48,6 +49,7 @@ def torch_repository(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory)
         max_frames=96,
         entry_instances=1,
         progress=lambda _: None,
+        jobs=2,
     )
     assert manifest["engine"] == "torch"
     # The CPU engine is the rebuilt module itself: the export's check finds float reordering at most

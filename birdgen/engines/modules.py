@@ -11,8 +11,14 @@ from pathlib import Path
 
 import torch
 
-from birdgen.contracts import CONTROLLED_UNET
-from birdgen.model_folder import load_controlnet, load_motion_adapter, load_part
+from birdgen.contracts import (
+    CONTROLLED_UNET,
+    SVD_IMAGE_ENCODER,
+    SVD_UNET,
+    SVD_VAE_DECODER,
+    SVD_VAE_ENCODER,
+)
+from birdgen.model_folder import load_controlnet, load_motion_adapter, load_part, load_svd_part
 
 # The attention projections of every transformer block (self- and cross-attention): where the
 # diffusers/SDXL LoRA convention puts adapters, and what `load_lora_weights` and LoRA fusing in export
@@ -285,3 +291,111 @@ STAGE_PARTS = {
     "vae_decoder": ("vae",),
     CONTROLLED_UNET: ("unet",),
 }
+
+
+# Stable Video Diffusion (docs/svd.md): four stages, the denoising loop in the entry. Each wrapper is
+# StableVideoDiffusionPipeline's own computation around one model call, batched per item.
+
+
+def _uint8_hwc(image: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float NCHW -> uint8 NHWC: VaeImageProcessor.postprocess (denormalise, clamp) then
+    diffusers' numpy_to_pil rounding, as VaeDecoder does."""
+    image = (image * 0.5 + 0.5).clamp(0, 1)
+    return (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+
+
+class SvdImageEncoder(torch.nn.Module):
+    """CLIPVisionModelWithProjection -> image_embeds (B, D), the pipeline's `_encode_image` after its
+    preprocessing: the input is the picture already resized to 224 px with diffusers'
+    `_resize_with_antialiasing` and CLIP-normalised (the caller does both: the blur's kernel depends
+    on the picture's size)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.model(pixel_values).image_embeds,)
+
+
+class SvdVaeEncoder(torch.nn.Module):
+    """The conditioning picture (B, 3, H, W) in [-1, 1], noise already added -> the posterior's mode
+    (B, C, H/8, W/8), NOT multiplied by the scaling factor (`_encode_vae_image`)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.encode(image).latent_dist.mode(),)
+
+
+class SvdUNet(torch.nn.Module):
+    """UNetSpatioTemporalConditionModel on one clip (or one CFG half of it) per batch item.
+
+    `sample` (B, frames, C, h, w) is the scaled latents (`scale_model_input`); `image_latents`
+    (B, C, h, w) is concatenated to every frame on the channel axis here, as the pipeline does before
+    its UNet call; `image_embeds` (B, D) becomes the (B, 1, D) encoder states; one timestep per item,
+    so clips at different steps batch together; `added_time_ids` (B, 3): fps - 1, motion bucket,
+    noise augmentation strength.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        image_latents: torch.Tensor,
+        timestep: torch.Tensor,
+        image_embeds: torch.Tensor,
+        added_time_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        condition = image_latents.unsqueeze(1).expand(-1, sample.shape[1], -1, -1, -1)
+        noise = self.model(
+            torch.cat([sample, condition.to(sample.dtype)], dim=2),
+            timestep.reshape(-1),
+            encoder_hidden_states=image_embeds.unsqueeze(1),
+            added_time_ids=added_time_ids,
+            return_dict=False,
+        )[0]
+        return (noise,)
+
+
+class SvdVaeDecoder(torch.nn.Module):
+    """One chunk of frames per batch item (B, chunk, C, h, w), unscaled latents -> uint8 frames
+    (B, chunk, H, W, 3): `decode_latents`' reciprocal multiply and temporal decode, then the image
+    path's postprocess. Items are independent clips: the decoder's temporal layers (time_conv_out,
+    the temporal resnets, `image_only_indicator`) reshape its input per `num_frames` = chunk, so the
+    whole batch decodes in one call without frames of one item mixing with another's."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
+        batch, chunk = latent.shape[:2]
+        # A multiply by the reciprocal, as diffusers (not a division: they differ in the last bit).
+        frames = latent.flatten(0, 1) * (1 / self.scaling_factor)
+        image = self.vae.decode(frames, num_frames=chunk, return_dict=False)[0]
+        pixels = _uint8_hwc(image)
+        return (pixels.reshape(batch, chunk, *pixels.shape[1:]),)
+
+
+# Each SVD stage: its wrapper and the SVD folder's part it wraps.
+SVD_STAGE_PARTS: dict[str, tuple[type[torch.nn.Module], str]] = {
+    SVD_IMAGE_ENCODER: (SvdImageEncoder, "image_encoder"),
+    SVD_VAE_ENCODER: (SvdVaeEncoder, "vae"),
+    SVD_UNET: (SvdUNet, "unet"),
+    SVD_VAE_DECODER: (SvdVaeDecoder, "vae"),
+}
+
+
+def svd_stage_module(svd_dir: Path, stage: str) -> torch.nn.Module:
+    """The torch module of an SVD `stage` (contracts.SVD_STAGES) from a Stable Video Diffusion folder."""
+    if stage not in SVD_STAGE_PARTS:
+        raise ValueError(f"unknown SVD stage {stage!r}; allowed: {', '.join(SVD_STAGE_PARTS)}")
+    wrapper, part = SVD_STAGE_PARTS[stage]
+    return wrapper(load_svd_part(svd_dir, part)).eval()

@@ -95,6 +95,7 @@ def export_onnx(spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], 
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
             opset_version=OPSET,
+            custom_translation_table=_translations(),
             dynamo=True,
             optimize=True,
             verbose=False,
@@ -102,6 +103,46 @@ def export_onnx(spec: StageSpec, module: Any, sample: Mapping[str, np.ndarray], 
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=_needs_external_data(program.model_proto))
     return path
+
+
+def _translations() -> dict[Any, Any]:
+    """ONNX translations birdgen gives torch.onnx in place of its own (onnxscript's torch_lib)."""
+    import torch
+
+    return {torch.ops.aten.repeat_interleave.self_int: _repeat_interleave_self_int}
+
+
+def _repeat_interleave_self_int(
+    self: Any, repeats: Any, dim: int | None = None, output_size: Any = None
+) -> Any:
+    """aten::repeat_interleave.self_int as onnxscript 0.7.2's, with a symbolic `repeats` put on the
+    new axis after `dim` (Unsqueeze, Expand, Reshape). onnxscript's puts it on `dim` itself, which
+    is only right when that axis has size 1: the SVD UNet repeating each clip's embeddings per frame
+    (a dynamic frames axis) got a wrong graph at batch > 1, refused by ONNX Runtime's Expand."""
+    from onnxscript import opset18 as op
+
+    if dim is None:
+        self = op.Reshape(self, op.Constant(value_ints=[-1]))
+        dim, rank = 0, 1
+    else:
+        rank = len(self.shape)
+    axis = (dim + rank) % rank
+    unsqueezed = op.Unsqueeze(self, op.Constant(value_ints=[axis + 1]))
+    after = [1] * (rank - axis - 1)
+    if isinstance(repeats, int):
+        tiles = op.Constant(value_ints=[1] * (axis + 1) + [repeats] + after)
+    else:
+        parts = [op.Constant(value_ints=[1] * (axis + 1)), op.Reshape(repeats, op.Constant(value_ints=[-1]))]
+        if after:
+            parts.append(op.Constant(value_ints=after))
+        tiles = op.Concat(*parts, axis=0)
+    shape = op.Concat(
+        op.Shape(self, start=0, end=axis),
+        op.Constant(value_ints=[-1]),
+        op.Shape(self, start=axis + 1),
+        axis=0,
+    )
+    return op.Reshape(op.Expand(unsqueezed, tiles), shape)
 
 
 def _signature_shapes(module: Any, spec: StageSpec, shapes: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,17 @@ import torch
 
 from birdgen.engines.base import EngineKind, TensorEngine
 from birdgen.engines.cpu_lock import CpuLock
-from birdgen.engines.modules import ControlledUNet, ControlNet, TextEncoder, UNet, VaeDecoder
+from birdgen.engines.modules import (
+    ControlledUNet,
+    ControlNet,
+    SvdImageEncoder,
+    SvdUNet,
+    SvdVaeDecoder,
+    SvdVaeEncoder,
+    TextEncoder,
+    UNet,
+    VaeDecoder,
+)
 from birdgen.stages import CAPTURED_SIZES_PX, StageSpec, TensorSpec, captured_sizes
 
 RECIPE_FILE = "torch_module.json"
@@ -54,9 +64,21 @@ WRAPPERS: dict[str, tuple[type[torch.nn.Module], str, tuple[str, ...]]] = {
     "VaeDecoder": (VaeDecoder, "vae", ()),
     "ControlNet": (ControlNet, "model", ()),
     "ControlledUNet": (ControlledUNet, "model", ()),
+    "SvdImageEncoder": (SvdImageEncoder, "model", ()),
+    "SvdVaeEncoder": (SvdVaeEncoder, "vae", ()),
+    "SvdUNet": (SvdUNet, "model", ()),
+    "SvdVaeDecoder": (SvdVaeDecoder, "vae", ()),
 }
 # Wrappers around convolutional models: channels-last weights and inputs on CUDA.
-CONV_WRAPPERS = ("UNet", "VaeDecoder", "ControlNet", "ControlledUNet")
+CONV_WRAPPERS = (
+    "UNet",
+    "VaeDecoder",
+    "ControlNet",
+    "ControlledUNet",
+    "SvdVaeEncoder",
+    "SvdUNet",
+    "SvdVaeDecoder",
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +147,12 @@ def rebuild(recipe: Mapping[str, Any], weights: Path) -> torch.nn.Module:
 
 
 def _half_safe(module: torch.nn.Module) -> bool:
-    """False for a VAE whose config asks for float32 (diffusers' force_upcast; its default is True)."""
-    return not isinstance(module, VaeDecoder) or not module.vae.config.get("force_upcast", True)
+    """False for a VAE whose config asks for float32 (diffusers' force_upcast; its default is True).
+    SVD's temporal decoder runs in fp16 (StableVideoDiffusionPipeline upcasts the VAE to encode the
+    conditioning picture only)."""
+    if not isinstance(module, VaeDecoder | SvdVaeEncoder):
+        return True
+    return not module.vae.config.get("force_upcast", True)
 
 
 def optimise(module: torch.nn.Module, device: torch.device, half: bool) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from birdgen.schema import parse_animation_request
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.pipeline, info = entry_pipeline(args, AnimationPipeline)
-        self.max_frames = int(info["motion_max_frames"])
+        self.max_frames = int(info["motion_max_frames"]) or None  # None: AnimateDiff not exported
 
     def execute(self, requests: list) -> list:
         return respond_each(pb_utils, requests, self._generate)

@@ -23,7 +23,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.pipeline, info = entry_pipeline(args, AnimationPipeline)
-        self.max_frames = int(info["motion_max_frames"])
+        self.max_frames = int(info["motion_max_frames"]) or None  # None: AnimateDiff not exported
 
     def execute(self, requests: list) -> None:
         for request in requests:
