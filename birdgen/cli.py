@@ -227,6 +227,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from birdgen.client import BirdClient
     from birdgen.export.exporter import export_repository
+    from birdgen.manifest import core_models
     from birdgen.model_folder import check_model_folder
     from birdgen.server import TritonServer
     from birdgen.tiny_model import write_tiny_model
@@ -238,8 +239,10 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"[demo] tiny model written to {model_dir}")
     check_model_folder(model_dir)
     repo = out / "model_repository"
-    manifest = export_repository(model_dir, repo, progress=lambda m: print(f"[demo] export: {m}"))
-    with TritonServer(repo) as server:
+    # Two export processes (the tiny model's stages are small); the server loads the core models,
+    # the ControlNet and SVD stages load on first use as in production.
+    manifest = export_repository(model_dir, repo, progress=lambda m: print(f"[demo] export: {m}"), jobs=2)
+    with TritonServer(repo, model_control="explicit", load_models=core_models(repo)) as server:
         print(f"[demo] tritonserver ready at {server.grpc_url} (model {manifest['model_version']})")
         with BirdClient(server.grpc_url) as client:
             start = time.perf_counter()

@@ -202,3 +202,35 @@ def test_bad_svd_input_is_invalid_argument_and_the_server_keeps_serving(server, 
     assert repr(field) in caught.value.message() and hint in caught.value.message()
     good = raw_animation(server.grpc_url, {**SVD_CLIP, "image": png_base64(seed=9)})
     assert good["webp"][:4] == b"RIFF"
+
+
+def test_the_cli_and_the_progress_stream_draw_an_svd_clip(server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from birdgen.client import BirdClient
+    from tests.test_cli import run
+
+    picture = tmp_path / "robin.png"
+    picture.write_bytes(base64.b64decode(png_base64(seed=5)))
+    args = [
+        "generate",
+        "animation",
+        "--url",
+        server.grpc_url,
+        "--species",
+        "American Robin",
+        "--engine",
+        "svd",
+    ]
+    args += ["--image", str(picture), "--width", "256", "--height", "256", "--fps", "6"]
+    args += ["--duration-seconds", "0.5", "--steps", "2", "--decode-chunk-size", "2", "--seed", "21"]
+    done = run(*args, "--out", str(tmp_path / "clip.webp"))
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["engine"] == "svd" and printed["image"]["source"] == "client"
+    messages: list[dict] = []
+    with BirdClient(server.grpc_url) as client:
+        # The CLI's default format is both (a GIF beside the WebP); the format is in the embedded metadata.
+        request = {**SVD_CLIP, "image": picture, "format": "both"}
+        streamed = client.generate_animation(**request, on_progress=messages.append)
+    assert [(m["done"], m["total"]) for m in messages if m["stage"] == "denoise"] == [(1, 2), (2, 2)]
+    assert [(m["done"], m["total"]) for m in messages if m["stage"] == "decode"] == [(2, 3), (3, 3)]
+    assert streamed.files["webp"] == (tmp_path / "clip.webp").read_bytes()
