@@ -374,3 +374,37 @@ def test_plan_builds_and_matches_onnxruntime(
     want = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).run(None, sample)[0]
     got = TensorRtEngine(plan, TensorRtKind.tolerance).infer(sample)["noise_pred"]
     np.testing.assert_allclose(got, want, atol=TensorRtKind.tolerance["FP32"])
+
+
+@pytest.mark.parametrize("stage", ["controlnet_openpose", "controlled_unet", "svd_unet", "svd_vae_decoder"])
+def test_the_controlnet_and_svd_graphs_survive_the_tensorrt_preparation(
+    repository: Path, tmp_path: Path, stage: str
+) -> None:
+    """What TensorRT would parse (issues 17, 18): the prepared graph of each new stage keeps its
+    inputs and outputs and computes what the exported one does (the UINT8 control picture and the
+    SVD axes included); the plans themselves need NVIDIA's container."""
+    import json
+
+    import onnxruntime as ort
+
+    from birdgen.stages import repository_specs, svd_from_info
+
+    manifest = json.loads((repository / "manifest.json").read_text())
+    spec = repository_specs(manifest)[stage]
+    exported = repository / stage / "1" / "model.onnx"
+    prepared = onnx.load(str(prepare_onnx(exported, tmp_path / "prepared.onnx")))
+    onnx.checker.check_model(prepared)
+    assert [i.name for i in prepared.graph.input] == [t.name for t in spec.inputs]
+    assert [o.name for o in prepared.graph.output] == [t.name for t in spec.outputs]
+    svd = svd_from_info(manifest)
+    if stage.startswith("svd") and svd is not None:
+        sizes = image_sizes(svd[0], 32, 32, frames=3, chunk=2)
+    else:
+        sizes = image_sizes(ModelDims.from_dict(manifest["dims"]), 32, 48)
+    sample = spec.sample_inputs(2, sizes, ModelDims.from_dict(manifest["dims"]).vocab_size)
+    runs = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, sample)
+        for p in (exported, tmp_path / "prepared.onnx")
+    ]
+    for ours, theirs in zip(runs[1], runs[0], strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5 if ours.dtype != np.uint8 else 1)
