@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 # The parts birdgen serves from, and the file that proves each one is there.
 REQUIRED_PARTS: dict[str, str] = {
@@ -147,8 +147,29 @@ def check_safetensors(folder: Path, what: str) -> None:
     )
 
 
+class _Dims:
+    """What ModelDims and SvdDims (frozen dataclasses) share: the image size stride and the JSON form
+    kept in export manifests."""
+
+    vae_scale_factor: int
+    unet_levels: int
+
+    @property
+    def pixel_stride(self) -> int:
+        """Image sizes must be multiples of this: VAE factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (self.unet_levels - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """From to_dict's output, also after a JSON round trip (lists back into tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
 @dataclass(frozen=True)
-class ModelDims:
+class ModelDims(_Dims):
     """The tensor sizes every stage contract derives from, read from the folder's configs."""
 
     max_tokens: int
@@ -168,19 +189,6 @@ class ModelDims:
     @property
     def cross_attention_dim(self) -> int:
         return self.text_hidden + self.text_hidden_2
-
-    @property
-    def pixel_stride(self) -> int:
-        """Image sizes must be multiples of this: VAE factor times the UNet's downsampling."""
-        return self.vae_scale_factor * 2 ** (self.unet_levels - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelDims:
-        """From to_dict's output, also after a JSON round trip (lists back into tuples)."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     @classmethod
     def from_folder(cls, model_dir: Path) -> ModelDims:
@@ -242,25 +250,33 @@ def _weights_variant(part_dir: Path) -> str | None:
 
 def load_part(model_dir: Path, part: str, **kwargs: Any) -> Any:
     """Load one component with the class model_index.json names (diffusers or transformers), in fp32."""
+    model_dir = Path(model_dir)
+    cls = _part_class(model_dir, check_model_folder(model_dir), part)
+    if part not in WEIGHT_PARTS:
+        return cls.from_pretrained(model_dir / part)  # no weights: a tokenizer or the scheduler
+    return _load_weights(cls, model_dir / part, **kwargs)
+
+
+def _part_class(folder: Path, index: dict[str, Any], part: str) -> Any:
+    """The class model_index.json names for `part` (diffusers or transformers only)."""
     import diffusers
-    import torch
     import transformers
 
-    model_dir = Path(model_dir)
-    index = check_model_folder(model_dir)
     library, class_name = index[part]
     module = {"diffusers": diffusers, "transformers": transformers}.get(library)
     if module is None:
-        raise ModelFolderError(f"{model_dir}: part '{part}' comes from unsupported library '{library}'")
-    cls = getattr(module, class_name)
-    if part not in WEIGHT_PARTS:
-        return cls.from_pretrained(model_dir / part)  # no weights: a tokenizer or the scheduler
-    variant = _weights_variant(model_dir / part)
+        raise ModelFolderError(f"{folder}: part '{part}' comes from unsupported library '{library}'")
+    return getattr(module, class_name)
+
+
+def _load_weights(cls: Any, part_dir: Path, **kwargs: Any) -> Any:
+    """A part with weights, in fp32 and eval mode (the fp16 variant when only that is there)."""
+    import torch
+
+    variant = _weights_variant(part_dir)
     extra = {"variant": variant} if variant else {}
     # use_safetensors: never fall back to a pickled *.bin beside the safetensors (check_model_folder).
-    model = cls.from_pretrained(
-        model_dir / part, torch_dtype=torch.float32, use_safetensors=True, **extra, **kwargs
-    )
+    model = cls.from_pretrained(part_dir, torch_dtype=torch.float32, use_safetensors=True, **extra, **kwargs)
     return model.eval()
 
 
@@ -343,7 +359,7 @@ def check_svd_folder(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class SvdDims:
+class SvdDims(_Dims):
     """The tensor sizes of the SVD stages, read from the folder's JSON configs (no torch)."""
 
     latent_channels: int
@@ -354,18 +370,6 @@ class SvdDims:
     default_frames: int  # the UNet's num_frames: 14 for img2vid, 25 for img2vid-xt
     scaling_factor: float
     added_time_ids: int = 3  # fps - 1, motion_bucket_id, noise_aug_strength
-
-    @property
-    def pixel_stride(self) -> int:
-        """Clip sizes must be multiples of this: VAE factor times the UNet's downsampling."""
-        return self.vae_scale_factor * 2 ** (self.unet_levels - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SvdDims:
-        return cls(**data)
 
     @classmethod
     def from_folder(cls, path: Path) -> SvdDims:
@@ -388,24 +392,11 @@ def load_svd_part(path: Path, part: str, **kwargs: Any) -> Any:
     """One part of an SVD folder (check_svd_folder) with the class model_index.json names: the
     weights in fp32 from safetensors (the `.fp16.safetensors` variant when only that is there), the
     feature extractor and scheduler from their JSON."""
-    import diffusers
-    import torch
-    import transformers
-
     path = Path(path)
     index = check_svd_folder(path)
     if part not in SVD_PARTS:
         raise ValueError(f"unknown SVD part {part!r}; allowed: {', '.join(SVD_PARTS)}")
-    library, class_name = index[part]
-    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
-    if module is None:
-        raise ModelFolderError(f"{path}: part '{part}' comes from unsupported library '{library}'")
-    cls = getattr(module, class_name)
+    cls = _part_class(path, index, part)
     if part not in SVD_WEIGHT_PARTS:
         return cls.from_pretrained(path / part, **kwargs)  # no weights: the feature extractor or scheduler
-    variant = _weights_variant(path / part)
-    extra = {"variant": variant} if variant else {}
-    model = cls.from_pretrained(
-        path / part, torch_dtype=torch.float32, use_safetensors=True, **extra, **kwargs
-    )
-    return model.eval()
+    return _load_weights(cls, path / part, **kwargs)

@@ -15,7 +15,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -203,11 +203,7 @@ class SvdLimits(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SvdLimits:
-        if tuple(self.engines) != ENGINES:
-            raise ValueError(
-                f"engines must be {', '.join(ENGINES)} in that order (the first is the default; "
-                f"birdgen.schema.ENGINES), got {', '.join(self.engines) or 'none'}"
-            )
+        _check_names("engines", self.engines, ENGINES, "the first is the default; birdgen.schema.ENGINES")
         if self.min_frames > self.max_frames:
             raise ValueError(f"min_frames {self.min_frames} is above max_frames {self.max_frames}")
         if self.fps.min < 1:
@@ -266,11 +262,7 @@ class ControlLimits(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ControlLimits:
-        if tuple(self.kinds) != CONTROLNET_KINDS:
-            raise ValueError(
-                f"kinds must be {', '.join(CONTROLNET_KINDS)} in that order (contracts.CONTROLNET_KINDS), "
-                f"got {', '.join(self.kinds) or 'none'}"
-            )
+        _check_names("kinds", self.kinds, CONTROLNET_KINDS, "contracts.CONTROLNET_KINDS")
         for kind, limits in self.kinds.items():
             if not self.scale.contains(limits.scale_default):
                 raise ValueError(
@@ -366,6 +358,16 @@ class Limits(_OutputLimits):
         encoded) and 256 bytes around it. With the bundled limits 31,264 + 11,184,812 + 256 =
         11,216,332 bytes, within serving.max_request_bytes (a validator keeps it so)."""
         return self.max_request_json_bytes + self.input_image.max_base64_chars + _CONTROL_JSON_BYTES
+
+
+def _check_names(field: str, names: Iterable[str], expected: tuple[str, ...], why: str) -> None:
+    """A limits.yaml list that must name exactly `expected`, in that order (code relies on both);
+    ValueError saying so, and `why`, else."""
+    got = tuple(names)
+    if got != expected:
+        raise ValueError(
+            f"{field} must be {', '.join(expected)} in that order ({why}), got {', '.join(got) or 'none'}"
+        )
 
 
 def _frame_count(duration_seconds: float, fps: int) -> int | None:
@@ -770,12 +772,7 @@ def _control_allowed(field: str) -> str:
             f"{', '.join(VOCABULARY.allowed('pose'))}), and optionally scale, start and end"
         )
     if key == "image":
-        images = LIMITS.input_image
-        formats = " or ".join(f.upper() for f in images.formats)
-        return (
-            f"{_BASE64} of a {formats} image of at most {images.max_bytes} bytes "
-            f"({images.max_base64_chars} characters), or null with a template"
-        )
+        return _base64_image_allowed("or null with a template")
     if key == "template":
         return f"a pose: {', '.join(VOCABULARY.allowed('pose'))}; or null with an image"
     if key == "scale":
@@ -846,6 +843,17 @@ def _control_source(kind: str, value: object) -> ControlSource:
     return ControlSource(**source, scale=scale, start=start, end=end)
 
 
+def _base64_image_allowed(otherwise: str) -> str:
+    """What a client picture field (a control image, an svd request's image) accepts, in words:
+    the input_image limits, then `otherwise` (what its null means)."""
+    images = LIMITS.input_image
+    formats = " or ".join(f.upper() for f in images.formats)
+    return (
+        f"{_BASE64} of a {formats} image of at most {images.max_bytes} bytes "
+        f"({images.max_base64_chars} characters), {otherwise}"
+    )
+
+
 def _short(value: object) -> object:
     """A value to show in an error: long text (a base64 image) as its length, never the text."""
     return f"{len(value)} characters" if isinstance(value, str) and len(value) > 200 else value
@@ -867,10 +875,17 @@ def _control_number(prefix: str, key: str, value: object, default: float, limit:
 
 
 def _control_template(prefix: str, value: object) -> str:
-    """The canonical pose a template names (case, separators and pose aliases as for `pose`)."""
+    """The canonical pose a template names (_pose), errors naming control.<kind>.template."""
+    field = f"{prefix}.template"
+    return _pose(field, value, _control_allowed(field))
+
+
+def _pose(field: str, value: object, allowed: str) -> str:
+    """The canonical pose `value` names (case, separators and pose aliases as for an image's `pose`):
+    a control template's and an svd still's; RequestError naming `field`, with `allowed`, else."""
     pose = VOCABULARY.canonical("pose", value) if isinstance(value, str) else None
     if pose is None:
-        raise RequestError(f"{prefix}.template", value, _control_allowed(f"{prefix}.template"))
+        raise RequestError(field, value, allowed)
     return pose
 
 
@@ -1110,12 +1125,7 @@ def _svd_allowed(field: str) -> str:
             f"it moves); with engine {ENGINE_ANIMATEDIFF}: {', '.join(VOCABULARY.allowed('behaviour'))}"
         )
     if field == "image":
-        images = LIMITS.input_image
-        formats = " or ".join(f.upper() for f in images.formats)
-        return (
-            f"{_BASE64} of a {formats} image of at most {images.max_bytes} bytes "
-            f"({images.max_base64_chars} characters), or null to draw the still from the request"
-        )
+        return _base64_image_allowed("or null to draw the still from the request")
     if field == "pose":
         return (
             f"the drawn still's pose: {', '.join(VOCABULARY.allowed('pose'))}; or null for {_DEFAULTS.pose}"
@@ -1143,12 +1153,7 @@ def _client_image(value: object) -> ClientImage | None:
 
 def _still_pose(value: object) -> str:
     """The drawn still's pose (case, separators and aliases as an image's), the image default for null."""
-    if value is None:
-        return _DEFAULTS.pose
-    pose = VOCABULARY.canonical("pose", value) if isinstance(value, str) else None
-    if pose is None:
-        raise RequestError("pose", value, _svd_allowed("pose"))
-    return pose
+    return _DEFAULTS.pose if value is None else _pose("pose", value, _svd_allowed("pose"))
 
 
 def _svd_setting(field: str, value: object, data: Mapping[str, Any]) -> int | float:

@@ -365,25 +365,22 @@ def write_tiny_model(out: Path, seed: int = SEED, preset: str = "tiny") -> Path:
     # A separate model too (not in model_index.json), under its own seed and last, so the SDXL parts
     # keep their bytes; `birdgen export` looks for it here by default (docs/svd.md).
     write_svd_folder(out / SVD_FOLDER, config.svd, seed + SVD_SEED_OFFSET, preset)
-    (out / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionXLPipeline",
-                "_diffusers_version": "0.42.1",
-                "_birdgen_preset": preset,
-                "force_zeros_for_empty_prompt": True,
-                "feature_extractor": [None, None],
-                "image_encoder": [None, None],
-                "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            },
-            indent=2,
-        )
+    _write_model_index(
+        out,
+        "StableDiffusionXLPipeline",
+        preset,
+        {
+            "force_zeros_for_empty_prompt": True,
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
     )
     return out
 
@@ -430,19 +427,29 @@ def write_svd_folder(out: Path, config: SvdPreset, seed: int, preset: str = "tin
     UNetSpatioTemporalConditionModel(**config.unet).save_pretrained(out / "unet")
     AutoencoderKLTemporalDecoder(**config.vae).save_pretrained(out / "vae")
     EulerDiscreteScheduler.from_config(SVD_SCHEDULER).save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableVideoDiffusionPipeline",
-                "_diffusers_version": "0.42.1",
-                "_birdgen_preset": preset,
-                "feature_extractor": ["transformers", "CLIPImageProcessor"],
-                "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-                "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
-                "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
-            },
-            indent=2,
-        )
+    _write_model_index(
+        out,
+        "StableVideoDiffusionPipeline",
+        preset,
+        {
+            "feature_extractor": ["transformers", "CLIPImageProcessor"],
+            "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
+            "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
+        },
     )
     return out
+
+
+def _write_model_index(out: Path, pipeline: str, preset: str, entries: dict[str, Any]) -> None:
+    """The folder's model_index.json: the pipeline class, the diffusers version the folders are
+    written for, the birdgen preset, then `entries` (the parts) in their order. One writer, so an
+    SDXL folder keeps its bytes (the tests compare them)."""
+    index = {
+        "_class_name": pipeline,
+        "_diffusers_version": "0.42.1",
+        "_birdgen_preset": preset,
+        **entries,
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))

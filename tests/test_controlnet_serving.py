@@ -27,20 +27,12 @@ from birdgen.ensemble.controlnet import prepare_controls
 from birdgen.request_error import RequestError
 from birdgen.schema import ImageRequest
 from tests.conftest import ROBIN
-from tests.test_input_image import with_size
+from tests.test_input_image import png_base64, with_size
 from tests.test_parity import assert_close_to_reference
 from tests.test_serving import raw_infer, read_pixels
 from tests.triton_stats import inferences_and_executions
 
 pytestmark = pytest.mark.triton
-
-
-def png_base64(width: int = 300, height: int = 200, seed: int = 0) -> str:
-    """A client's control picture: noise at a size other than the request's, so both sides resize it."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

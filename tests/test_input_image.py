@@ -42,6 +42,13 @@ def refusal(data: bytes, width: int = 64, height: int = 32) -> RequestError:
     return error
 
 
+def png_base64(width: int = 300, height: int = 200, seed: int = 0) -> str:
+    """A client's picture (control image, svd image) as base64: seeded noise at a size other than the
+    request's, so both the served and the reference side resize it."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return base64.b64encode(encode(Image.fromarray(pixels))).decode()
+
+
 def with_size(png: bytes, width: int, height: int) -> bytes:
     """`png` whose IHDR declares width × height (CRC fixed), its pixel data left as it was."""
     ihdr = png[12:29]  # b"IHDR" + 13 bytes of fields

@@ -25,7 +25,7 @@ from birdgen.contracts import SVD_FOLDER, SVD_UNET
 from birdgen.media import read_animation
 from birdgen.schema import AnimationRequest, ImageRequest
 from tests.test_animation_serving import raw_animation
-from tests.test_input_image import with_size
+from tests.test_input_image import png_base64, with_size
 from tests.test_parity import assert_close_to_reference
 from tests.test_serving import raw_infer, read_pixels
 from tests.triton_stats import inferences_and_executions
@@ -45,13 +45,6 @@ SVD_CLIP = {
     "format": "webp",
     "seed": 21,
 }
-
-
-def png_base64(width: int = 300, height: int = 200, seed: int = 3) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +78,7 @@ def diffusers_clip(pipe, picture: Image.Image, request: AnimationRequest, seed: 
 def test_a_client_picture_animates_like_diffusers_and_serves_the_same_bytes(
     server, animation_pipeline, svd_reference
 ) -> None:
-    payload = {**SVD_CLIP, "image": png_base64()}
+    payload = {**SVD_CLIP, "image": png_base64(seed=3)}
     request = AnimationRequest(**payload)
     local = animation_pipeline(request)
     picture = Image.open(io.BytesIO(base64.b64decode(payload["image"]))).convert("RGB")

@@ -28,13 +28,29 @@ from birdgen.model_folder import load_controlnet, load_motion_adapter, load_part
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class TextEncoder(torch.nn.Module):
+class _Wrapper(torch.nn.Module):
+    """A stage module around one diffusers or transformers model, kept as `model` (its weights are
+    named `model.<name>`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+class _VaeWrapper(torch.nn.Module):
+    """A stage module around a VAE, kept as `vae` (its weight names are `vae.<name>`)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+
+class TextEncoder(_Wrapper):
     """CLIP text encoder -> penultimate hidden states (SDXL's clip-skip of 1), plus the pooled
     projection for CLIPTextModelWithProjection."""
 
     def __init__(self, model: torch.nn.Module, pooled: bool) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.pooled = pooled
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -99,7 +115,7 @@ def _window_motion_modules(model: torch.nn.Module, windows: ContextWindows) -> N
             layers[i] = ContextWindowBlock(layer, windows)
 
 
-class UNet(torch.nn.Module):
+class UNet(_Wrapper):
     """SDXL UNet with one timestep per batch item, so requests at different steps batch together.
 
     With `clip=True` it wraps AnimateDiff's UNetMotionModel on one clip (B, C, frames, h, w): it
@@ -109,8 +125,7 @@ class UNet(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, clip: bool = False) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.clip = clip
         if clip:
             self.windows = ContextWindows()
@@ -174,7 +189,7 @@ class ControlledUNet(UNet):
         return (noise,)
 
 
-class ControlNet(torch.nn.Module):
+class ControlNet(_Wrapper):
     """A diffusers ControlNetModel on the UNet's inputs plus the control image and a scale per item
     (stages.controlnet_spec): the residuals of StableDiffusionXLControlNetPipeline's ControlNet call,
     down ones then the mid one, each times the item's scale.
@@ -184,10 +199,6 @@ class ControlNet(torch.nn.Module):
     scale multiplies like diffusers' float `conditioning_scale` (equal bit for bit), but per item, so
     requests with different scales or at different steps batch together.
     """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self,
@@ -235,12 +246,11 @@ def motion_unet_module(model_dir: Path, motion_adapter: Path) -> UNet:
     return UNet(unet, clip=True).eval()
 
 
-class VaeDecoder(torch.nn.Module):
+class VaeDecoder(_VaeWrapper):
     """Latents -> uint8 HWC pixels: the pipeline's unscaling, decode and VaeImageProcessor.postprocess."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
+        super().__init__(vae)
         config = vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         channels = config.latent_channels
@@ -251,9 +261,7 @@ class VaeDecoder(torch.nn.Module):
     def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
         latent = latent * self.latents_std / self.scaling_factor + self.latents_mean
         image = self.vae.decode(latent, return_dict=False)[0]
-        image = (image * 0.5 + 0.5).clamp(0, 1)
-        pixels = (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
-        return (pixels,)
+        return (_uint8_hwc(image),)
 
 
 def stage_module(model_dir: Path, stage: str) -> torch.nn.Module:
@@ -299,38 +307,30 @@ STAGE_PARTS = {
 
 def _uint8_hwc(image: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float NCHW -> uint8 NHWC: VaeImageProcessor.postprocess (denormalise, clamp) then
-    diffusers' numpy_to_pil rounding, as VaeDecoder does."""
+    diffusers' numpy_to_pil rounding (the SDXL and SVD decoders' last step)."""
     image = (image * 0.5 + 0.5).clamp(0, 1)
     return (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
 
 
-class SvdImageEncoder(torch.nn.Module):
+class SvdImageEncoder(_Wrapper):
     """CLIPVisionModelWithProjection -> image_embeds (B, D), the pipeline's `_encode_image` after its
     preprocessing: the input is the picture already resized to 224 px with diffusers'
     `_resize_with_antialiasing` and CLIP-normalised (the caller does both: the blur's kernel depends
     on the picture's size)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.model(pixel_values).image_embeds,)
 
 
-class SvdVaeEncoder(torch.nn.Module):
+class SvdVaeEncoder(_VaeWrapper):
     """The conditioning picture (B, 3, H, W) in [-1, 1], noise already added -> the posterior's mode
     (B, C, H/8, W/8), NOT multiplied by the scaling factor (`_encode_vae_image`)."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.vae.encode(image).latent_dist.mode(),)
 
 
-class SvdUNet(torch.nn.Module):
+class SvdUNet(_Wrapper):
     """UNetSpatioTemporalConditionModel on one clip (or one CFG half of it) per batch item.
 
     `sample` (B, frames, C, h, w) is the scaled latents (`scale_model_input`); `image_latents`
@@ -339,10 +339,6 @@ class SvdUNet(torch.nn.Module):
     so clips at different steps batch together; `added_time_ids` (B, 3): fps - 1, motion bucket,
     noise augmentation strength.
     """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self,
@@ -363,7 +359,7 @@ class SvdUNet(torch.nn.Module):
         return (noise,)
 
 
-class SvdVaeDecoder(torch.nn.Module):
+class SvdVaeDecoder(_VaeWrapper):
     """One chunk of frames per batch item (B, chunk, C, h, w), unscaled latents -> uint8 frames
     (B, chunk, H, W, 3): `decode_latents`' reciprocal multiply and temporal decode, then the image
     path's postprocess. Items are independent clips: the decoder's temporal layers (time_conv_out,
@@ -371,8 +367,7 @@ class SvdVaeDecoder(torch.nn.Module):
     whole batch decodes in one call without frames of one item mixing with another's."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
+        super().__init__(vae)
         self.scaling_factor = float(vae.config.scaling_factor)
 
     def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
