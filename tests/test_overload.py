@@ -238,8 +238,14 @@ def test_a_request_queued_past_its_timeout_is_refused_with_the_documented_code(
         finally:
             await client.close()
 
-    outcomes = asyncio.run(main())
-    refused = {seed: o for seed, o in outcomes if isinstance(o, ServerOverloadedError)}
+    # A queue still holding an earlier test's requests refuses ours as full instead: that is the
+    # bound of the test above, not this one's subject, so such a round is sent again (at most 5).
+    for _ in range(5):
+        outcomes = asyncio.run(main())
+        refused = {seed: o for seed, o in outcomes if isinstance(o, ServerOverloadedError)}
+        if not any("queue size" in o.detail for o in refused.values()):
+            break
+        time.sleep(1)
     assert refused and {o.detail for o in refused.values()} == {f"{QUEUE_TIMEOUT} (UNAVAILABLE)"}
     assert isinstance(outcomes[0][1], CacheEntry)  # the patient one was served
     served_later(tiny_queue_server.grpc_url, list(refused))
