@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "birdgen needs Python 3.11 (Triton python-backend stub)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[models,train,bench,gateway,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[models,train,bench,gateway,qa,dev]"
 	touch $(STAMP)
 
 demo: setup

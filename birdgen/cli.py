@@ -1,4 +1,4 @@
-"""The `birdgen` command: tiny-model, export, keygen, serve, entrypoint, generate, demo, pregenerate.
+"""The `birdgen` command: tiny-model, export, keygen, serve, entrypoint, generate, demo, pregenerate, qa.
 
 Errors a user can fix (bad request, missing model part, server down) print one line and exit 2;
 no traceback. Heavy imports happen inside the subcommand that needs them, so `birdgen generate`
@@ -294,19 +294,22 @@ def _gateway(args: argparse.Namespace) -> int:
 def _pregenerate(args: argparse.Namespace) -> int:
     """Exit 0 when every item is done, 1 when some failed or catalogue rows were skipped."""
     from birdgen.client.pregenerate import parse_option, pregenerate_catalogue
+    from birdgen.qa.command import gate_from_args
 
+    options = {kind: dict(map(parse_option, getattr(args, kind))) for kind in ("image", "animation")}
     summary = pregenerate_catalogue(
         args.catalog,
         args.out,
         url=args.url,
         kinds=[kind.strip() for kind in args.kinds.split(",") if kind.strip()],
-        options={kind: dict(map(parse_option, getattr(args, kind))) for kind in ("image", "animation")},
+        options=options,
         limit=args.limit,
         concurrency=args.concurrency,
         retries=args.retries,
         deadline_s=args.timeout,
         redis_url=args.redis_url if args.to_cache else None,
         write_files=not args.no_files,
+        gate=gate_from_args(args, options["image"]),
     )
     return summary.exit_code
 
@@ -540,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, help="a diffusers SDXL folder (default: build the tiny one)")
     p.set_defaults(run=_demo)
     from birdgen.benchmarks import command as bench
+    from birdgen.qa import command as qa
 
     p = commands.add_parser("bench", help="served birdgen vs diffusers and the compute floor (benchmarks/)")
     bench.add_arguments(p)
@@ -562,7 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-cache", action="store_true", help="also store results in the Redis cache")
     p.add_argument("--redis-url", default="redis://localhost:6379/0")
     p.add_argument("--no-files", action="store_true", help="with --to-cache: the cache only, no files")
+    qa.add_gate_arguments(p)
     p.set_defaults(run=_pregenerate)
+    qa.add_parser(commands)
     p = commands.add_parser(
         "check-stubs", help="exit 1 if a python-backend stub died under tritonserver (docs/reliability.md)"
     )

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 from birdgen.contracts import CONTROLNET_KINDS, MOTION_ADAPTER, SVD_FOLDER, controlnet_folder
 from birdgen.model_folder import SVD_CLIP_SIZE
 from birdgen.prompts import DATA_DIR, PromptLibrary, load_data_file
+from birdgen.qa_config import SPECIES_VERIFIER_FOLDER
 
 SEED = 20261125
 MAX_TOKENS = 77
@@ -123,6 +124,23 @@ SVD_FEATURE_EXTRACTOR = {
 }
 # SVD parts are drawn under seed + this (the ControlNets use + 1, + 2), after every SDXL part.
 SVD_SEED_OFFSET = 3
+VERIFIER_SEED_OFFSET = 4
+# The species verifier's tiny CLIP (transformers CLIPTextConfig / CLIPVisionConfig fields).
+VERIFIER_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+)
+VERIFIER_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
 
 # CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py), lower-cased input.
 _CLIP_WORDS = re.compile(
@@ -365,6 +383,7 @@ def write_tiny_model(out: Path, seed: int = SEED, preset: str = "tiny") -> Path:
     # A separate model too (not in model_index.json), under its own seed and last, so the SDXL parts
     # keep their bytes; `birdgen export` looks for it here by default (docs/svd.md).
     write_svd_folder(out / SVD_FOLDER, config.svd, seed + SVD_SEED_OFFSET, preset)
+    write_species_verifier(out / SPECIES_VERIFIER_FOLDER, vocab, merges, seed + VERIFIER_SEED_OFFSET)
     _write_model_index(
         out,
         "StableDiffusionXLPipeline",
@@ -439,6 +458,27 @@ def write_svd_folder(out: Path, config: SvdPreset, seed: int, preset: str = "tin
             "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
         },
     )
+    return out
+
+
+def write_species_verifier(out: Path, vocab: dict[str, int], merges: list[str], seed: int) -> Path:
+    """Write a tiny random-weight CLIPModel folder (model, tokenizer, image processor) for the
+    species verifier's code path (birdgen.qa.verifier); every preset gets the same tiny one, since a
+    real verifier is a separate download (docs/qa.md)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    out = Path(out)
+    eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
+    text = dict(VERIFIER_TEXT, vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=VERIFIER_VISION, projection_dim=16))
+    model.eval().save_pretrained(out)
+    side = VERIFIER_VISION["image_size"]
+    CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    ).save_pretrained(out)
+    _write_tokenizer(out, vocab, merges, pad_token="<|endoftext|>")
     return out
 
 

@@ -50,6 +50,7 @@ from birdgen.client.errors import (
 from birdgen.contracts import EINK_BUFFER, IMAGE
 from birdgen.prompts import DATA_DIR
 from birdgen.schema import (
+    LIMITS,
     AnimationRequest,
     ImageRequest,
     RequestError,
@@ -80,6 +81,23 @@ class BirdGenerator(Protocol):
     async def generate_image(self, request: ImageRequest) -> GeneratedImage: ...
 
     async def generate_animation(self, request: AnimationRequest) -> GeneratedAnimation: ...
+
+
+class QualityGate(Protocol):
+    """What `--qa` adds to a run (birdgen.qa.gate.QaGate): a verdict per drawn result, how many
+    redraws a failing item gets, and the human-review queue."""
+
+    max_regenerations: int
+
+    async def judge(self, request: Request, result: GeneratedImage | GeneratedAnimation) -> dict[str, Any]:
+        """A JSON-able verdict with at least `passed` (bool) and `failures` (a list of reasons)."""
+        ...
+
+    def review(
+        self, item: WorkItem, record: Mapping[str, Any], result: GeneratedImage | GeneratedAnimation
+    ) -> bool:
+        """Queue the finished item for human review when it is sampled or flagged; whether it was."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -201,6 +219,7 @@ class Outcome:
     seconds: float = 0.0
     model_version: str | None = None
     cached: bool = False  # stored in the Redis cache by the client
+    qa: dict[str, Any] | None = None  # the quality gate's verdicts (pregenerate --qa)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -217,6 +236,7 @@ class Outcome:
             "model_version": self.model_version,
             "request": json.loads(self.item.request.canonical_json()),  # control images as digests
             "cached": self.cached,
+            **({"qa": self.qa} if self.qa is not None else {}),
         }
 
 
@@ -228,25 +248,18 @@ class Manifest:
         self.path = out / MANIFEST
 
     def read(self) -> tuple[dict[str, dict[str, Any]], int]:
-        """The latest record per item id, and how many lines could not be read (a line cut short by
-        a kill mid-write is the only way to get one)."""
-        latest: dict[str, dict[str, Any]] = {}
-        unreadable = 0
-        if not self.path.exists():
-            return latest, unreadable
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-                latest[record["id"]] = record
-            except (ValueError, KeyError, TypeError):
-                unreadable += bool(line.strip())
-        return latest, unreadable
+        """The latest record per item id, and how many lines could not be read."""
+        return read_jsonl(self.path)
 
-    def is_done(self, record: Mapping[str, Any] | None, *, files: bool, cached: bool) -> bool:
-        """Done, into every destination this run wants (`files`, the cache), with every file it wrote
-        still there with its recorded content: a run with files after a cache-only one, or a cache
-        run after a files-only one, redoes those items."""
+    def is_done(
+        self, record: Mapping[str, Any] | None, *, files: bool, cached: bool, qa: bool = False
+    ) -> bool:
+        """Done, into every destination this run wants (`files`, the cache, QA verdicts), with every
+        file it wrote still there with its recorded content: a run with files after a cache-only one,
+        a cache run after a files-only one, or a `--qa` run after one without, redoes those items."""
         if record is None or record.get("status") != "done" or (cached and not record.get("cached")):
+            return False
+        if qa and "qa" not in record:
             return False
         written = record.get("files", {}).values()
         if files and not written:
@@ -254,23 +267,43 @@ class Manifest:
         return all(_sha256(self.out / entry["path"]) == entry["sha256"] for entry in written)
 
     def append(self, record: Mapping[str, Any]) -> None:
-        """One line, on disk before returning: a kill after this never loses the item. A write that
-        fails (a full disk) is cut off again, so a failure never leaves half a line behind."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
-        with self.path.open("ab", buffering=0) as file:
-            end = file.seek(0, os.SEEK_END)
-            if end and not _ends_with_newline(self.path):
-                line = b"\n" + line  # end a line cut short by a kill, so this one stays readable
-            try:
-                written = 0
-                while written < len(line):  # unbuffered: a short write is ours to continue
-                    written += file.write(line[written:]) or 0
-                os.fsync(file.fileno())
-            except OSError:
-                with contextlib.suppress(OSError):
-                    file.truncate(end)
-                raise
+        append_jsonl(self.path, record)
+
+
+def read_jsonl(path: Path, key: str = "id") -> tuple[dict[str, dict[str, Any]], int]:
+    """The latest record per `key` in the JSONL file at `path` (none when it is missing), and how many
+    lines could not be read (a line cut short by a kill mid-write is the only way to get one)."""
+    latest: dict[str, dict[str, Any]] = {}
+    unreadable = 0
+    if not path.exists():
+        return latest, unreadable
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            latest[record[key]] = record
+        except (ValueError, KeyError, TypeError):
+            unreadable += bool(line.strip())
+    return latest, unreadable
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """One line, on disk before returning: a kill after this never loses the record. A write that
+    fails (a full disk) is cut off again, so a failure never leaves half a line behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+    with path.open("ab", buffering=0) as file:
+        end = file.seek(0, os.SEEK_END)
+        if end and not _ends_with_newline(path):
+            line = b"\n" + line  # end a line cut short by a kill, so this one stays readable
+        try:
+            written = 0
+            while written < len(line):  # unbuffered: a short write is ours to continue
+                written += file.write(line[written:]) or 0
+            os.fsync(file.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                file.truncate(end)
+            raise
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -346,6 +379,7 @@ async def pregenerate(
     retry: RetryPolicy | None = None,
     write_files: bool = True,
     to_cache: bool = False,
+    gate: QualityGate | None = None,
     console: Console | None = None,
 ) -> Summary:
     """Generate every item of `plan` not already done in `out`'s manifest; see the module docstring.
@@ -354,6 +388,8 @@ async def pregenerate(
     `retry.backoff(n)` before attempt n + 2, an InvalidRequestError fails the item at once. Any other
     exception (a bug, a full disk) stops the run: the manifest keeps what finished. `to_cache` says
     the client stores results in the Redis cache (recorded, so resuming knows which items went there).
+    A `gate` (pregenerate --qa) judges every result, redraws failing ones and queues items for human
+    review (see `_attempt`); its verdicts go into the manifest record's `qa`.
     """
     if concurrency < 1:
         raise ValueError(f"invalid 'concurrency': got {concurrency}; allowed: an integer >= 1")
@@ -368,7 +404,7 @@ async def pregenerate(
     todo = [
         item
         for item in plan.items
-        if not manifest.is_done(records.get(item.id), files=write_files, cached=to_cache)
+        if not manifest.is_done(records.get(item.id), files=write_files, cached=to_cache, qa=gate is not None)
     ]
     summary = Summary(skipped=len(plan.items) - len(todo), row_errors=list(plan.row_errors))
     for error in plan.row_errors:
@@ -388,11 +424,13 @@ async def pregenerate(
 
     async def worker() -> None:
         for item in queue:  # one shared iterator: each item goes to exactly one worker
-            outcome, result = await _attempt(item, client, retry)
+            outcome, result = await _attempt(item, client, retry, gate)
             try:
                 if result is not None:
                     outcome.files = _write(out, item, result) if write_files else {}
                     outcome.cached = to_cache
+                if result is not None and gate is not None and outcome.qa is not None:
+                    outcome.qa["review"] = gate.review(item, outcome.record(), result)
                 manifest.append(outcome.record())
             except OSError as exc:  # a full disk, say: stop, naming it and what is kept
                 finished = summary.skipped + summary.done
@@ -423,28 +461,73 @@ async def pregenerate(
 
 
 async def _attempt(
-    item: WorkItem, client: BirdGenerator, retry: RetryPolicy
+    item: WorkItem, client: BirdGenerator, retry: RetryPolicy, gate: QualityGate | None = None
 ) -> tuple[Outcome, GeneratedImage | GeneratedAnimation | None]:
-    """Generate `item`, retrying retryable failures: its record, and the result when there is one."""
+    """Generate `item`: its record, and the result when there is one.
+
+    With a `gate`, a result it fails is drawn again with the next seed (`redraw`), at most
+    `gate.max_regenerations` times; the best draw (fewest failures, earliest first) is kept, flagged
+    when none passed. A redraw that fails for good ends the redrawing and keeps the best draw so far.
+    """
     reasons: list[str] = []
     started = time.monotonic()
+    attempts = 0
+    draws: list[tuple[dict[str, Any], GeneratedImage | GeneratedAnimation]] = []
+    request = item.request
+    while True:
+        result, used = await _generate(request, client, retry, reasons)
+        attempts += used
+        if result is None or gate is None:
+            break
+        verdict = await gate.judge(request, result)
+        draws.append(({**verdict, "seed": request.resolved_seed()}, result))
+        if verdict["passed"] or len(draws) > gate.max_regenerations:
+            break
+        request = redraw(item.request, len(draws))
+    seconds = time.monotonic() - started
+    if draws:
+        chosen = min(range(len(draws)), key=lambda i: (len(draws[i][0]["failures"]), i))
+        verdict, result = draws[chosen]
+        qa = {
+            "passed": verdict["passed"],
+            "flagged": not verdict["passed"],
+            "seed": verdict["seed"],
+            "regenerations": len(draws) - 1,
+            "chosen": chosen,
+            "draws": [draw for draw, _ in draws],
+        }
+    else:
+        qa = None
+    if result is None:
+        return Outcome(item, "failed", attempts, reasons, seconds=seconds), None
+    version = result.metadata.get("model_version")
+    return Outcome(item, "done", attempts, reasons, seconds=seconds, model_version=version, qa=qa), result
+
+
+async def _generate(
+    request: Request, client: BirdGenerator, retry: RetryPolicy, reasons: list[str]
+) -> tuple[GeneratedImage | GeneratedAnimation | None, int]:
+    """One request, retrying retryable failures (each reason appended to `reasons`): the result, or
+    None when it failed for good, and the attempts it took."""
     attempt = 0
     while True:
         attempt += 1
         try:
-            if isinstance(item.request, ImageRequest):
-                result: GeneratedImage | GeneratedAnimation = await client.generate_image(item.request)
-            else:
-                result = await client.generate_animation(item.request)
+            if isinstance(request, ImageRequest):
+                return await client.generate_image(request), attempt
+            return await client.generate_animation(request), attempt
         except BirdgenError as exc:
             reasons.append(f"{type(exc).__name__}: {exc}")
             if not isinstance(exc, RETRYABLE) or attempt >= retry.max_attempts:
-                return Outcome(item, "failed", attempt, reasons, seconds=time.monotonic() - started), None
+                return None, attempt
             await asyncio.sleep(retry.backoff(attempt - 1))
-        else:
-            seconds = time.monotonic() - started
-            version = result.metadata.get("model_version")
-            return Outcome(item, "done", attempt, reasons, seconds=seconds, model_version=version), result
+
+
+def redraw(request: Request, draw: int) -> Request:
+    """The request of redraw number `draw` (1, 2, ...): the same request with its seed advanced by
+    `draw`, wrapping within the seed range, so redraws are the same in every run."""
+    seed = (request.resolved_seed() + draw) % (LIMITS.seed.max + 1)
+    return request.model_copy(update={"seed": seed})
 
 
 def _write(
@@ -499,10 +582,12 @@ def pregenerate_catalogue(
     deadline_s: float,
     redis_url: str | None,
     write_files: bool,
+    gate: QualityGate | None = None,
 ) -> Summary:
     """`birdgen pregenerate` (its flags hold the defaults): read the catalogue (None: the bundled
     sample), then generate through an AsyncBirdClient at `url`; with `redis_url`, through a
-    ResponseCache as well, so results land under the keys every later client computes."""
+    ResponseCache as well, so results land under the keys every later client computes. `gate`:
+    `--qa` (birdgen.qa.gate.QaGate)."""
     from birdgen.client import AsyncBirdClient, ResponseCache
 
     if retries < 0:
@@ -523,6 +608,7 @@ def pregenerate_catalogue(
                     retry=dataclasses.replace(RETRY, max_attempts=retries + 1),
                     write_files=write_files,
                     to_cache=cache is not None,
+                    gate=gate,
                 )
         finally:
             if cache is not None:

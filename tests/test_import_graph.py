@@ -20,6 +20,7 @@ AREAS = {  # import prefix -> folder (pyproject's package-dir)
     "birdgen.training": "training",
     "birdgen.benchmarks": "benchmarks",
     "birdgen.gateway": "gateway",
+    "birdgen.qa": "qa",
 }
 CORE = {
     "birdgen",
@@ -43,6 +44,7 @@ CORE = {
     "birdgen.server",
     "birdgen.signing",
     "birdgen.tiny_model",
+    "birdgen.qa_config",
     "birdgen.triton_config",
     "birdgen.triton_install",
 }
