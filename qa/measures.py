@@ -10,6 +10,7 @@ No torch here.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from typing import Any
 
@@ -19,6 +20,8 @@ from PIL import Image
 
 # BRISQUE's features need a few pixels per window at half size; smaller pictures are refused.
 MIN_SIDE = 32
+# libsvm's model loading (and its C state) is not thread-safe; QA checks run in worker threads.
+_LIBSVM = threading.Lock()
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:
@@ -41,7 +44,7 @@ def _brisque() -> Any:
 def brisque(image: Image.Image) -> float:
     """BRISQUE score, lower is better (about 0-100 on natural photos; blur and noise raise it)."""
     pixels = rgb_array(image)
-    with warnings.catch_warnings():  # the package's own NumPy-scalar conversions
+    with _LIBSVM, warnings.catch_warnings():  # the package's own NumPy-scalar conversions
         warnings.simplefilter("ignore", DeprecationWarning)
         return float(_brisque().score(pixels))
 

@@ -267,7 +267,8 @@ def _summary(report: QaReport) -> list[tuple[str, str]]:
 def _table(report: QaReport, groups: Sequence[Group], key: str) -> tuple[list[str], list[list[str]]]:
     header = [key, *GROUP_COLUMNS, "highlighted"]
     rows = [
-        [g.name, *("" if v is None else str(v) for v in g.row().values()), ", ".join(g.worse)] for g in groups
+        [g.name, *("" if (v := g.row()[c]) is None else str(v) for c in GROUP_COLUMNS), ", ".join(g.worse)]
+        for g in groups
     ]
     return header, rows
 
