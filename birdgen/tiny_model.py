@@ -125,22 +125,11 @@ SVD_FEATURE_EXTRACTOR = {
 # SVD parts are drawn under seed + this (the ControlNets use + 1, + 2), after every SDXL part.
 SVD_SEED_OFFSET = 3
 VERIFIER_SEED_OFFSET = 4
-# The species verifier's tiny CLIP (transformers CLIPTextConfig / CLIPVisionConfig fields).
-VERIFIER_TEXT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=77,
-)
-VERIFIER_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=8,
-)
+# The species verifier's tiny CLIP: these transformers CLIPTextConfig / CLIPVisionConfig fields for
+# both towers, then the text's 77 positions and the vision's 32 px picture in 8 px patches.
+VERIFIER_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+VERIFIER_TEXT = VERIFIER_TOWER | dict(max_position_embeddings=MAX_TOKENS)
+VERIFIER_VISION = VERIFIER_TOWER | dict(image_size=32, patch_size=8)
 
 # CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py), lower-cased input.
 _CLIP_WORDS = re.compile(

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,6 +356,7 @@ class Summary:
     failed: list[Outcome] = field(default_factory=list)
     row_errors: list[RowError] = field(default_factory=list)
     seconds: float = 0.0
+    quality: Counter[str] = field(default_factory=Counter)  # --qa: passed, flagged, redraws, queued
 
     @property
     def exit_code(self) -> int:
@@ -440,6 +442,13 @@ async def pregenerate(
                     f"pre-generation stopped, the {finished} item(s) done are in {manifest.path}: "
                     "free space and run it again to resume",
                 ) from exc
+            if outcome.qa is not None:
+                summary.quality.update(
+                    passed=outcome.qa["passed"],
+                    flagged=outcome.qa["flagged"],
+                    redraws=outcome.qa["regenerations"],
+                    queued=outcome.qa.get("review", False),
+                )
             if outcome.status == "done":
                 summary.done += 1
             else:
@@ -548,6 +557,12 @@ def print_summary(summary: Summary, console: Console) -> None:
         f"{len(summary.failed)} failed, {len(summary.row_errors)} catalogue row(s) skipped; "
         f"{summary.seconds:.1f} s, {summary.rate:.2f} done/s"
     ]
+    if summary.quality:
+        q = summary.quality
+        lines.append(
+            f"quality: {q['passed']} passed, {q['flagged']} flagged (best draw kept), "
+            f"{q['redraws']} redraw(s), {q['queued']} queued for review"
+        )
     lines += [
         f"  failed {o.item.kind} {o.item.species_id} after {o.attempts} attempt(s): {o.reasons[-1]}"
         for o in summary.failed

@@ -62,20 +62,24 @@ def gate(out: Path, **gates: Any) -> QaGate:
     return QaGate(QualityChecker(config), out / REVIEW_FOLDER)
 
 
-def run(tmp_path: Path, out: Path, client: PhotoClient, qa: QaGate | None) -> dict[str, dict[str, Any]]:
+def run(
+    tmp_path: Path, out: Path, client: PhotoClient, qa: QaGate | None
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """The run's manifest records by species id, and what it printed."""
     plan = read_catalogue(catalogue(tmp_path, ["amerob", "blujay", "mallar3"]), kinds=["image"])
     console = Console(file=StringIO(), width=200)
     summary = asyncio.run(
         pregenerate(plan, client, out, concurrency=2, retry=NO_WAIT, gate=qa, console=console)
     )
     assert summary.exit_code == 0 and not summary.failed
-    return {r["species_id"]: r for r in map(json.loads, (out / MANIFEST).read_text().splitlines())}
+    records = {r["species_id"]: r for r in map(json.loads, (out / MANIFEST).read_text().splitlines())}
+    return records, console.file.getvalue()  # type: ignore[attr-defined]
 
 
 def test_a_failing_picture_is_redrawn_with_the_next_seeds_up_to_n_then_flagged(tmp_path: Path) -> None:
     out = tmp_path / "out"
     client = PhotoClient({"amerob": {2}, "mallar3": {0}})  # blujay never passes
-    records = run(tmp_path, out, client, gate(out, max_regenerations=3))
+    records, said = run(tmp_path, out, client, gate(out, max_regenerations=3))
     plan = {
         i.species_id: i.request
         for i in read_catalogue(catalogue(tmp_path, ["amerob", "blujay", "mallar3"]), ["image"]).items
@@ -112,10 +116,12 @@ def test_a_failing_picture_is_redrawn_with_the_next_seeds_up_to_n_then_flagged(t
     queued = {e.entry["species_id"]: e for e in ReviewQueue(out / REVIEW_FOLDER).entries()}
     assert queued["blujay"].entry["reason"] == "flagged" and queued["blujay"].status == "pending"
     assert (out / REVIEW_FOLDER / queued["blujay"].entry["image"]).read_bytes() == BLURRED
+    queued_count = sum(r["qa"]["review"] for r in records.values())
+    assert f"quality: 2 passed, 1 flagged (best draw kept), 5 redraw(s), {queued_count} queued" in said
 
     # The same run elsewhere draws the same seeds and keeps the same verdicts.
     again = PhotoClient({"amerob": {2}, "mallar3": {0}})
-    records_again = run(tmp_path, tmp_path / "again", again, gate(tmp_path / "again", max_regenerations=3))
+    records_again, _ = run(tmp_path, tmp_path / "again", again, gate(tmp_path / "again", max_regenerations=3))
     assert again.seeds == client.seeds
     assert {k: r["qa"]["draws"] for k, r in records_again.items()} == {
         k: r["qa"]["draws"] for k, r in records.items()
@@ -125,7 +131,7 @@ def test_a_failing_picture_is_redrawn_with_the_next_seeds_up_to_n_then_flagged(t
 def test_max_regenerations_zero_keeps_the_first_draw_and_flags_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
     client = PhotoClient({})
-    records = run(tmp_path, out, client, gate(out, max_regenerations=0))
+    records, _ = run(tmp_path, out, client, gate(out, max_regenerations=0))
     assert {len(seeds) for seeds in client.seeds.values()} == {1}
     assert all(r["qa"]["flagged"] and r["qa"]["regenerations"] == 0 for r in records.values())
 
@@ -134,7 +140,7 @@ def test_a_qa_run_redoes_items_done_without_qa_and_then_resumes(tmp_path: Path) 
     out = tmp_path / "out"
     run(tmp_path, out, PhotoClient({"amerob": {0}, "blujay": {0}, "mallar3": {0}}), None)
     client = PhotoClient({"amerob": {0}, "blujay": {0}, "mallar3": {0}})
-    records = run(tmp_path, out, client, gate(out))
+    records, _ = run(tmp_path, out, client, gate(out))
     assert set(client.seeds) == {"amerob", "blujay", "mallar3"} and all("qa" in r for r in records.values())
     idle = PhotoClient({})
     run(tmp_path, out, idle, gate(out))
@@ -255,3 +261,16 @@ def test_a_served_qa_run_verifies_gates_queues_and_reports_through_the_cli(
     assert "2 items, 2 species" in capsys.readouterr().out
     rows = (out / "qa-report" / "species.csv").read_text().splitlines()
     assert len(rows) == 3 and {row.split(",")[0] for row in rows[1:]} == {"amerob", "blujay"}
+
+
+def test_qa_options_are_refused_where_they_cannot_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["pregenerate", "--out", str(tmp_path / "out"), "--url", "127.0.0.1:1", "--kinds", "image"]
+    assert main([*base, "--verifier", str(tmp_path)]) == 2
+    assert "--verifier, --classifier and --qa-config need --qa" in capsys.readouterr().err
+    assert main([*base, "--qa", "--image", "format=eink", "--image", "eink_panel=296x128"]) == 2
+    assert "--qa judges photos, not e-ink previews" in capsys.readouterr().err
+    assert main([*base, "--qa", "--verifier", str(tmp_path)]) == 2
+    assert f"zero-shot verifier folder {tmp_path} has no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was generated
