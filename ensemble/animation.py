@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import birdgen
-from birdgen.contracts import MOTION_UNET, PIPELINE_FILE
+from birdgen.contracts import MOTION_UNET
 from birdgen.ensemble.pipeline import ImagePipeline, StageRunner, Timings
 from birdgen.ensemble.svd import SvdLoop, SvdSettings
 from birdgen.free_noise import context_windows, shuffle_context_noise
@@ -44,9 +44,11 @@ class AnimationResult:
 
 
 class AnimationPipeline(ImagePipeline):
-    def __init__(self, bundle_dir: Path, runner: StageRunner, prompts: Any = None) -> None:
-        super().__init__(bundle_dir, runner, prompts)
-        info = json.loads((Path(bundle_dir) / PIPELINE_FILE).read_text())
+    def __init__(
+        self, bundle_dir: Path, runner: StageRunner, prompts: Any = None, info: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(bundle_dir, runner, prompts, info)
+        info = self.info
         # The engines this export has: AnimateDiff with a motion adapter, SVD with an SVD folder.
         self.engines = [
             name

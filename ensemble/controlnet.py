@@ -51,10 +51,13 @@ def control_picture(setting: ControlSettings, width: int, height: int) -> np.nda
     return np.asarray(picture, dtype=np.uint8)
 
 
-def prepare_controls(request: Any, exported: Sequence[str]) -> list[ActiveControl]:
+def prepare_controls(
+    request: Any, exported: Sequence[str], settings: Sequence[ControlSettings] | None = None
+) -> list[ActiveControl]:
     """The request's active ControlNets, every control picture checked first (a bad image is refused
-    even at scale 0); [] when no net changes any step, so the request takes the plain path."""
-    settings = request.control_settings()
+    even at scale 0); [] when no net changes any step, so the request takes the plain path.
+    `settings`: the request's `control_settings()` when the caller has them already."""
+    settings = request.control_settings() if settings is None else settings
     for setting in settings:
         if setting.kind not in exported:
             raise RequestError(
@@ -70,10 +73,10 @@ def prepare_controls(request: Any, exported: Sequence[str]) -> list[ActiveContro
     ]
 
 
-def control_metadata(request: Any) -> dict[str, Any]:
+def control_metadata(settings: Sequence[ControlSettings], steps: int) -> dict[str, Any]:
     """What the result records per requested net: source (template, or the image's digest), scale,
     window and the steps it ran on."""
-    return {s.kind: s.metadata(request.steps) for s in request.control_settings()}
+    return {s.kind: s.metadata(steps) for s in settings}
 
 
 def residual_function(

@@ -181,9 +181,16 @@ class Timings:
 class ImagePipeline:
     """Text -> image through the stage runner; built from the entry model's folder (see export)."""
 
-    def __init__(self, bundle_dir: Path, runner: StageRunner, prompts: PromptLibrary | None = None) -> None:
+    def __init__(
+        self,
+        bundle_dir: Path,
+        runner: StageRunner,
+        prompts: PromptLibrary | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        """`info`: the folder's pipeline.json when the caller has read it already (the entry models)."""
         bundle_dir = Path(bundle_dir)
-        info = json.loads((bundle_dir / PIPELINE_FILE).read_text())
+        info = self.info = info or json.loads((bundle_dir / PIPELINE_FILE).read_text())
         self.model_version: str = info["model_version"]
         self.dims = ModelDims.from_dict(info["dims"])
         self.controlnets: list[str] = info.get("controlnets", [])  # the kinds the export has
@@ -206,7 +213,8 @@ class ImagePipeline:
         picture = request.eink_source() if request.format == EINK else request
         self.check_inputs(picture)
         # Control pictures are decoded (and bad ones refused) before any stage call.
-        controls = prepare_controls(picture, self.controlnets)
+        control = picture.control_settings()  # resolved once: the stage pictures and the metadata
+        controls = prepare_controls(picture, self.controlnets, control)
         prompt = self.prompts.build(picture)
         seed = picture.resolved_seed()
         choice = self.router.choose(picture, base=CONTROLLED_UNET if controls else BASE_UNET)
@@ -224,7 +232,7 @@ class ImagePipeline:
         metadata = self.describe(picture, prompt, seed, truncated)
         metadata.update(self.unet_facts(choice, version))
         if picture.control is not None:
-            metadata["control"] = control_metadata(picture)
+            metadata["control"] = control_metadata(control, picture.steps)
         with timings.stage("encode"):
             data = encode_image(pixels, picture.format, metadata)
         buffer = b""

@@ -144,4 +144,4 @@ def entry_pipeline(args: dict[str, str], pipeline_class: type) -> tuple[Any, dic
     verify_at_load(args)
     version_dir = Path(args["model_repository"]) / args["model_version"]
     info = json.loads((version_dir / PIPELINE_FILE).read_text())
-    return pipeline_class(version_dir, BlsRunner(repository_specs(info))), info
+    return pipeline_class(version_dir, BlsRunner(repository_specs(info)), info=info), info

@@ -82,7 +82,8 @@ class QaReport:
 
 
 def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
+    """Four significant digits: probabilities over hundreds of species are small numbers."""
+    return None if value is None else float(f"{value:.4g}")
 
 
 def item_rows(out: Path, catalogue: Catalogue) -> tuple[list[dict[str, Any]], int]:
