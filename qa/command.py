@@ -52,10 +52,19 @@ def gate_from_args(args: argparse.Namespace, image_options: dict[str, Any]) -> Q
 
 
 def add_parser(commands: Any) -> None:
-    """`birdgen qa report | review list | review approve | review reject`."""
+    """`birdgen qa check | report | review list | review approve | review reject`."""
     qa = commands.add_parser(
         "qa", help="quality report and human review of a pre-generated catalogue"
     ).add_subparsers(dest="qa_command", required=True)
+    p = qa.add_parser("check", help="judge picture files as pregenerate --qa would (JSON verdict per file)")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument(
+        "--species", required=True, help="the species the pictures should show (a catalogue name or id)"
+    )
+    p.add_argument("--verifier", type=Path, help="zero-shot species verifier: a local CLIP model folder")
+    p.add_argument("--classifier", type=Path, help="optional bird classifier: a local model folder")
+    p.add_argument("--qa-config", type=Path, help="thresholds (default: the bundled data/qa.yaml)")
+    p.set_defaults(run=check)
     p = qa.add_parser("report", help="per-species and per-family quality: CSV, markdown, HTML, plots")
     p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="the catalogue folder pregenerate --qa wrote"
@@ -77,6 +86,37 @@ def add_parser(commands: Any) -> None:
         p.add_argument("--reviewer", required=True, help="who decided")
         p.add_argument("--note", default="", help="why (kept with the decision)")
         p.set_defaults(run=review_decide, decision=decision)
+
+
+def check(args: argparse.Namespace) -> int:
+    """One JSON line per picture (its verdict); exit 0 when every picture passed, 1 otherwise."""
+    import json
+
+    from PIL import Image
+
+    from birdgen.catalogue import Catalogue
+    from birdgen.qa.gate import QualityChecker, load_judges
+    from birdgen.qa_config import QaConfig
+    from birdgen.schema import parse_image_request
+
+    catalogue = Catalogue.load()
+    known = catalogue.lookup(species_id=args.species, scientific_name=args.species, common_name=args.species)
+    fields = (
+        {"species": known.common_name, "species_id": known.species_id} if known else {"species": args.species}
+    )
+    request = parse_image_request(fields)
+    config = QaConfig.load(args.qa_config)
+    checker = QualityChecker(
+        config, load_judges(config, args.verifier, args.classifier, catalogue), catalogue
+    )
+    passed = True
+    for path in args.images:
+        with Image.open(path) as image:
+            image.load()
+            verdict = checker.check(image, request)
+        passed &= verdict.passed
+        print(json.dumps({"image": str(path), **verdict.record()}))
+    return 0 if passed else 1
 
 
 def report(args: argparse.Namespace) -> int:

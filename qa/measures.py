@@ -51,5 +51,10 @@ def brisque(image: Image.Image) -> float:
 
 def sharpness(image: Image.Image) -> float:
     """Variance of the Laplacian of the 8-bit grey picture: low when edges are soft (blur)."""
-    grey = cv2.cvtColor(rgb_array(image), cv2.COLOR_RGB2GRAY)
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    return laplacian_variance(cv2.cvtColor(rgb_array(image), cv2.COLOR_RGB2GRAY))
+
+
+def laplacian_variance(grey: np.ndarray) -> float:
+    """Variance of OpenCV's 4-neighbour Laplacian of a grey picture (0..255 levels): the usual focus
+    measure, low when blurry or featureless. Also the training photos' sharpness gate."""
+    return float(cv2.Laplacian(np.asarray(grey, dtype=np.float64), cv2.CV_64F).var()) if grey.size else 0.0

@@ -274,3 +274,24 @@ def test_qa_options_are_refused_where_they_cannot_apply(
     assert main([*base, "--qa", "--verifier", str(tmp_path)]) == 2
     assert f"zero-shot verifier folder {tmp_path} has no config.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was generated
+
+
+def test_qa_check_judges_picture_files_and_exits_1_when_one_fails(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sharp, soft = tmp_path / "sharp.png", tmp_path / "soft.png"
+    sharp.write_bytes(SHARP)
+    soft.write_bytes(BLURRED)
+    verifier = str(tiny_model / SPECIES_VERIFIER_FOLDER)
+    assert main(["qa", "check", str(sharp), "--species", "amerob"]) == 0
+    assert (
+        main(["qa", "check", str(sharp), str(soft), "--species", "American Robin", "--verifier", verifier])
+        == 1
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    first, with_verifier, blurred_line = lines
+    assert [line["image"] for line in lines] == [str(sharp), str(sharp), str(soft)]
+    assert first["passed"] and "zero_shot" not in first
+    assert 0 < with_verifier["zero_shot"]["score"] < 1 and with_verifier["zero_shot"]["rank"] >= 1
+    assert not blurred_line["passed"] and blurred_line["failures"][0].startswith("brisque")
+    assert main(["qa", "check", str(tmp_path / "missing.png"), "--species", "amerob"]) == 2

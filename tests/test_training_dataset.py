@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter
 
 from birdgen.catalogue import Catalogue, UnknownFamilyError
 from birdgen.prompts import PromptLibrary
+from birdgen.qa.measures import laplacian_variance
 from birdgen.schema import ImageRequest
 from birdgen.training.dataset import (
     BAD_METADATA,
@@ -25,7 +26,6 @@ from birdgen.training.dataset import (
     UNREADABLE,
     BirdDataset,
     DatasetError,
-    laplacian_variance,
     normalise_licence,
     write_attribution,
 )

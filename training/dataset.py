@@ -25,6 +25,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from birdgen.catalogue import Catalogue, UnknownFamilyError
 from birdgen.prompts import PromptLibrary
+from birdgen.qa.measures import laplacian_variance
 from birdgen.schema import ImageRequest, RequestError
 from birdgen.training.config import DEFAULT_JITTER, DEFAULT_LICENCES, DEFAULT_MIN_SHARPNESS
 
@@ -157,13 +158,6 @@ def find_metadata(root: Path) -> Path:
         if (root / name).is_file():
             return root / name
     raise DatasetError(f"{root}: no metadata file ({' or '.join(METADATA_NAMES)})")
-
-
-def laplacian_variance(grey: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian: the usual focus measure (low = blurry or featureless)."""
-    g = grey.astype(np.float32)
-    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
-    return float(lap.var()) if lap.size else 0.0
 
 
 def _resized_size(width: int, height: int, shortest: int) -> tuple[int, int]:
