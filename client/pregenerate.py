@@ -100,6 +100,10 @@ class QualityGate(Protocol):
         """Queue the finished item for human review when it is sampled or flagged; whether it was."""
         ...
 
+    def rejected(self, record: Mapping[str, Any]) -> bool:
+        """Whether a reviewer rejected the picture this manifest record kept (then it is redrawn)."""
+        ...
+
 
 @dataclass(frozen=True)
 class RowError:
@@ -403,10 +407,17 @@ async def pregenerate(
     if unreadable:
         note = f"{manifest.path}: {unreadable} unreadable line(s) ignored"
         console.print(note, style="yellow", markup=False, soft_wrap=True)
+    # A picture a reviewer rejected is drawn again, from the first seed not yet tried (`first_draw`).
+    rejected = {
+        item.id: records[item.id]["qa"]
+        for item in plan.items
+        if gate is not None and item.id in records and gate.rejected(records[item.id])
+    }
     todo = [
         item
         for item in plan.items
-        if not manifest.is_done(records.get(item.id), files=write_files, cached=to_cache, qa=gate is not None)
+        if item.id in rejected
+        or not manifest.is_done(records.get(item.id), files=write_files, cached=to_cache, qa=gate is not None)
     ]
     summary = Summary(skipped=len(plan.items) - len(todo), row_errors=list(plan.row_errors))
     for error in plan.row_errors:
@@ -426,7 +437,7 @@ async def pregenerate(
 
     async def worker() -> None:
         for item in queue:  # one shared iterator: each item goes to exactly one worker
-            outcome, result = await _attempt(item, client, retry, gate)
+            outcome, result = await _attempt(item, client, retry, gate, rejected.get(item.id))
             try:
                 if result is not None:
                     outcome.files = _write(out, item, result) if write_files else {}
@@ -470,19 +481,25 @@ async def pregenerate(
 
 
 async def _attempt(
-    item: WorkItem, client: BirdGenerator, retry: RetryPolicy, gate: QualityGate | None = None
+    item: WorkItem,
+    client: BirdGenerator,
+    retry: RetryPolicy,
+    gate: QualityGate | None = None,
+    rejected: Mapping[str, Any] | None = None,
 ) -> tuple[Outcome, GeneratedImage | GeneratedAnimation | None]:
     """Generate `item`: its record, and the result when there is one.
 
     With a `gate`, a result it fails is drawn again with the next seed (`redraw`), at most
     `gate.max_regenerations` times; the best draw (fewest failures, earliest first) is kept, flagged
     when none passed. A redraw that fails for good ends the redrawing and keeps the best draw so far.
+    `rejected`: the QA record of a picture a reviewer rejected; drawing starts past every seed it tried.
     """
     reasons: list[str] = []
     started = time.monotonic()
     attempts = 0
     draws: list[tuple[dict[str, Any], GeneratedImage | GeneratedAnimation]] = []
-    request = item.request
+    first = rejected["first_draw"] + len(rejected["draws"]) if rejected else 0
+    request = redraw(item.request, first) if first else item.request
     while True:
         result, used = await _generate(request, client, retry, reasons)
         attempts += used
@@ -492,7 +509,7 @@ async def _attempt(
         draws.append(({**verdict, "seed": request.resolved_seed()}, result))
         if verdict["passed"] or len(draws) > gate.max_regenerations:
             break
-        request = redraw(item.request, len(draws))
+        request = redraw(item.request, first + len(draws))
     seconds = time.monotonic() - started
     if draws:
         chosen = min(range(len(draws)), key=lambda i: (len(draws[i][0]["failures"]), i))
@@ -502,6 +519,8 @@ async def _attempt(
             "flagged": not verdict["passed"],
             "seed": verdict["seed"],
             "regenerations": len(draws) - 1,
+            "first_draw": first,
+            "replaces": rejected["seed"] if rejected else None,  # the rejected picture's seed
             "chosen": chosen,
             "draws": [draw for draw, _ in draws],
         }
@@ -533,8 +552,8 @@ async def _generate(
 
 
 def redraw(request: Request, draw: int) -> Request:
-    """The request of redraw number `draw` (1, 2, ...): the same request with its seed advanced by
-    `draw`, wrapping within the seed range, so redraws are the same in every run."""
+    """The request of draw number `draw` (1, 2, ...; 0 is the request itself): the same request with
+    its seed advanced by `draw`, wrapping within the seed range, so redraws are the same in every run."""
     seed = (request.resolved_seed() + draw) % (LIMITS.seed.max + 1)
     return request.model_copy(update={"seed": seed})
 

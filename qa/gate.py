@@ -122,7 +122,8 @@ class QaGate:
 
     def review(self, item: WorkItem, record: Mapping[str, Any], result: Result) -> bool:
         qa = record["qa"]
-        if not (qa["flagged"] or sampled(item.id, self.share)):
+        replaces = qa.get("replaces") is not None
+        if not (qa["flagged"] or replaces or sampled(item.id, self.share)):
             return False
         data, suffix = judged_picture(result)
         entry = {
@@ -131,13 +132,26 @@ class QaGate:
             "species_id": item.species_id,
             "species": item.request.species,
             "family": result.metadata.get("family"),
-            "reason": "flagged" if qa["flagged"] else "sampled",
+            "reason": "flagged"
+            if qa["flagged"]
+            else "replaces a rejected picture"
+            if replaces
+            else "sampled",
             "qa": qa,
             "metadata": result.metadata,
             "files": record.get("files", {}),
         }
         self.queue.enqueue(entry, data, suffix)
         return True
+
+    def rejected(self, record: Mapping[str, Any]) -> bool:
+        decision = self.queue.latest_decision(record["id"])
+        qa = record.get("qa") or {}
+        return (
+            decision is not None
+            and decision["decision"] == "rejected"
+            and decision.get("seed") == qa.get("seed")
+        )
 
 
 def load_judges(

@@ -3,9 +3,10 @@
 The queue is a folder (by default `<catalogue>/review/`): `queue.jsonl` (one entry per queued item,
 the last line about an item wins), `images/<item id>.<ext>` (the picture judged, copied, so a later
 run rewriting the catalogue file cannot change what a reviewer sees) and `decisions.jsonl`
-(approvals and rejections, appended and fsynced; the last decision about an item wins, earlier ones
-stay as history). Sampling hashes the item id, so a resumed or repeated run queues the same items.
-No torch here.
+(approvals and rejections of the picture with that seed, appended and fsynced; the last decision
+about an item wins, earlier ones stay as history). A rejected picture is drawn again by the next
+`pregenerate --qa` run, and its replacement is queued again. Sampling hashes the item id, so a
+resumed or repeated run queues the same items. No torch here.
 """
 
 from __future__ import annotations
@@ -46,7 +47,17 @@ class ReviewEntry:
 
     @property
     def status(self) -> str:
-        return "pending" if self.decision is None else str(self.decision["decision"])
+        """pending, approved or rejected; a decision about an earlier picture of the item (another
+        seed: it was rejected and drawn again) leaves the new one pending."""
+        if self.decision is None or self.decision.get("seed") != _seed(self.entry):
+            return "pending"
+        return str(self.decision["decision"])
+
+
+def _seed(entry: Mapping[str, Any]) -> int | None:
+    """The seed of the picture an entry shows (None for entries without QA verdicts)."""
+    qa = entry.get("qa") or {}
+    return qa.get("seed")
 
 
 class ReviewQueue:
@@ -61,6 +72,10 @@ class ReviewQueue:
         write_atomic(self.folder / relative, image)
         queued_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         append_jsonl(self.folder / QUEUE, {**entry, "image": relative, "queued_at": queued_at})
+
+    def latest_decision(self, item_id: str) -> dict[str, Any] | None:
+        decided, _ = read_jsonl(self.folder / DECISIONS)
+        return decided.get(item_id)
 
     def entries(self) -> list[ReviewEntry]:
         """Every queued item, in queue order, each with its latest decision."""
@@ -81,6 +96,7 @@ class ReviewQueue:
             raise ValueError(f"invalid 'id': {item_id!r} {what} in {self.folder / QUEUE}")
         record = {
             "id": matches[0],
+            "seed": _seed(queued[matches[0]]),  # the picture decided on
             "decision": decision,
             "reviewer": reviewer.strip(),
             "note": note,

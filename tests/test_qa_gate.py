@@ -56,9 +56,11 @@ class PhotoClient:
         return GeneratedImage(data, "png", {"seed": request.resolved_seed(), "family": "Passeriformes"})
 
 
-def gate(out: Path, **gates: Any) -> QaGate:
+def gate(out: Path, share: float | None = None, **gates: Any) -> QaGate:
     config = QaConfig.load()
     config = config.model_copy(update={"gates": config.gates.model_copy(update=gates)})
+    if share is not None:
+        config = config.model_copy(update={"review": config.review.model_copy(update={"share": share})})
     return QaGate(QualityChecker(config), out / REVIEW_FOLDER)
 
 
@@ -145,6 +147,39 @@ def test_a_qa_run_redoes_items_done_without_qa_and_then_resumes(tmp_path: Path) 
     idle = PhotoClient({})
     run(tmp_path, out, idle, gate(out))
     assert idle.seeds == {}  # everything done with verdicts: nothing drawn again
+
+
+def test_a_rejected_picture_is_drawn_again_past_every_seed_tried_and_queued_again(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    every_draw_good = {name: set(range(10)) for name in ("amerob", "blujay", "mallar3")}
+    first, _ = run(tmp_path, out, PhotoClient(every_draw_good), gate(out, share=1.0))
+    queue = ReviewQueue(out / REVIEW_FOLDER)
+    assert {e.entry["species_id"]: e.status for e in queue.entries()} == dict.fromkeys(first, "pending")
+    duck = first["mallar3"]
+    queue.decide(duck["id"], "rejected", reviewer="ana", note="a goose")
+    queue.decide(first["amerob"]["id"], "approved", reviewer="ana")
+
+    client = PhotoClient(every_draw_good)
+    second, said = run(tmp_path, out, client, gate(out, share=0.0))
+    assert list(client.seeds) == ["mallar3"] and "1 done, 2 skipped" in said  # only the rejected one
+    assert client.seeds["mallar3"] == [duck["qa"]["seed"] + 1]  # past the seed that was rejected
+    redone = second["mallar3"]["qa"]
+    assert (redone["first_draw"], redone["replaces"], redone["seed"]) == (
+        1,
+        duck["qa"]["seed"],
+        duck["qa"]["seed"] + 1,
+    )
+    entries = {e.entry["species_id"]: e for e in ReviewQueue(out / REVIEW_FOLDER).entries()}
+    assert entries["mallar3"].entry["reason"] == "replaces a rejected picture"  # queued though share is 0
+    assert entries["mallar3"].status == "pending" and entries["amerob"].status == "approved"
+
+    idle = PhotoClient(every_draw_good)
+    run(tmp_path, out, idle, gate(out))
+    assert idle.seeds == {}  # the replacement was not rejected: nothing to redo
+    queue.decide(duck["id"], "rejected", reviewer="ana")
+    again = PhotoClient(every_draw_good)
+    run(tmp_path, out, again, gate(out))
+    assert again.seeds == {"mallar3": [duck["qa"]["seed"] + 2]}
 
 
 def test_redraw_seeds_wrap_within_the_seed_range() -> None:
