@@ -85,6 +85,7 @@ def requested_species(request: ImageRequest, catalogue: Catalogue) -> Species:
 
 
 def _folder(path: Path, what: str) -> Path:
+    """Weights are read from safetensors only (docs/security.md): a pickled .bin folder is refused."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{what} folder {path} has no config.json (a transformers model folder)")
     return path
@@ -99,8 +100,8 @@ class ZeroShotVerifier:
         from transformers import AutoProcessor, CLIPModel
 
         folder = _folder(Path(folder), "zero-shot verifier")
-        self.model = CLIPModel.from_pretrained(folder).eval()
-        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = CLIPModel.from_pretrained(folder, use_safetensors=True).eval()
+        self.processor = AutoProcessor.from_pretrained(folder)  # no weights
         self.prompt = prompt
         self.threshold = threshold
         self.top_k = top_k
@@ -149,8 +150,8 @@ class ClassifierVerifier:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         folder = _folder(Path(folder), "classifier")
-        self.model = AutoModelForImageClassification.from_pretrained(folder).eval()
-        self.processor = AutoImageProcessor.from_pretrained(folder)
+        self.model = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True).eval()
+        self.processor = AutoImageProcessor.from_pretrained(folder)  # no weights
         self.threshold = threshold
         self.labels: list[str] = []  # per class index: the species id, or the raw label
         for index in range(self.model.config.num_labels):
