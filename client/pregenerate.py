@@ -325,6 +325,28 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete the temp files (`write_atomic`'s) that a killed run left under `out`: those whose
+    writer process is gone. The ones removed."""
+    removed = []
+    for temp in out.rglob(".*.tmp") if out.exists() else ():
+        pid = temp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _running(int(pid)):
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Temp file + fsync + rename: a reader (or a resumed run) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,6 +425,7 @@ async def pregenerate(
     console = console or Console(stderr=True)
     manifest = Manifest(out)
     start = time.monotonic()
+    remove_stale_temporaries(out)
     records, unreadable = manifest.read()
     if unreadable:
         note = f"{manifest.path}: {unreadable} unreadable line(s) ignored"

@@ -206,7 +206,21 @@ def test_a_sigkilled_cli_run_resumes_without_redoing_or_losing_items(server, tmp
     records = manifest(out)
     assert len(records) == 12 and {r["status"] for r in records} == {"done"}
     assert len({r["id"] for r in records}) == len({r["species_id"] for r in records}) == 12
-    assert len(list((out / "image").iterdir())) == 12
+    assert len(list((out / "image").iterdir())) == 12  # a temp file the kill left is gone too
+
+
+def test_a_resumed_run_removes_the_temp_files_of_killed_writers_only(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / "image" / f".amerob.png.{dead.pid}.tmp"  # write_atomic's name, its writer gone
+    live = out / "image" / f".norcar.png.{os.getpid()}.tmp"
+    for path in (stale, live):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    run(read_catalogue(catalogue(tmp_path, ["amerob"]), kinds=["image"]), FakeClient(), out)
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in (out / "image").iterdir()) == [live.name, "amerob.png"]
 
 
 def test_retryable_failures_are_retried_with_their_reasons_and_the_rest_fail_with_theirs(
