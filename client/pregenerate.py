@@ -100,8 +100,8 @@ class QualityGate(Protocol):
         """Queue the finished item for human review when it is sampled or flagged; whether it was."""
         ...
 
-    def rejected(self, record: Mapping[str, Any]) -> bool:
-        """Whether a reviewer rejected the picture this manifest record kept (then it is redrawn)."""
+    def rejected(self, records: Mapping[str, Mapping[str, Any]]) -> set[str]:
+        """The ids of the manifest records (by id) whose kept picture a reviewer rejected: redrawn."""
         ...
 
 
@@ -431,11 +431,8 @@ async def pregenerate(
         note = f"{manifest.path}: {unreadable} unreadable line(s) ignored"
         console.print(note, style="yellow", markup=False, soft_wrap=True)
     # A picture a reviewer rejected is drawn again, from the first seed not yet tried (`first_draw`).
-    rejected = {
-        item.id: records[item.id]["qa"]
-        for item in plan.items
-        if gate is not None and item.id in records and gate.rejected(records[item.id])
-    }
+    rejected_ids = gate.rejected(records) if gate is not None else set()
+    rejected = {item.id: records[item.id]["qa"] for item in plan.items if item.id in rejected_ids}
     todo = [
         item
         for item in plan.items

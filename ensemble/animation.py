@@ -110,13 +110,16 @@ class AnimationPipeline(ImagePipeline):
                 still = ImagePipeline.__call__(self, request.still_request())
             picture = Image.fromarray(still.pixels)
         seed = request.resolved_seed()
-        frames = self.svd(picture, SvdSettings.of(request), seed, progress, timings)
-        metadata = self.describe_svd(request, seed, frames, still)
+        settings = SvdSettings.of(request)
+        frames = self.svd(picture, settings, seed, progress, timings)
+        metadata = self.describe_svd(request, settings, seed, frames, still)
         with timings.stage("encode"):
             files = self.encode_files(request, frames, metadata)
         return AnimationResult(files, {**metadata, "timings_ms": timings.finish()}, frames)
 
-    def describe_svd(self, request: Any, seed: int, frames: np.ndarray, still: Any) -> dict[str, Any]:
+    def describe_svd(
+        self, request: Any, settings: SvdSettings, seed: int, frames: np.ndarray, still: Any
+    ) -> dict[str, Any]:
         """An SVD clip's facts (and the AI label) for the metadata and the files."""
         if still is None:
             source = {
@@ -127,7 +130,6 @@ class AnimationPipeline(ImagePipeline):
         else:
             keep = ("prompt", "seed", "steps", "model_version", "unet", "lora", "family", "request")
             source = {"source": "drawn", **{key: still.metadata[key] for key in keep}}
-        settings = SvdSettings.of(request)
         return {
             "ai_generated": True,
             "generator": f"birdgen {birdgen.__version__}",

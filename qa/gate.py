@@ -23,7 +23,7 @@ from birdgen.client.calls import GeneratedAnimation, GeneratedEink, GeneratedIma
 from birdgen.client.pregenerate import Request, WorkItem
 from birdgen.contracts import GIF, POSTER, WEBP
 from birdgen.qa import measures
-from birdgen.qa.review import ReviewQueue, sampled
+from birdgen.qa.review import ReviewQueue, picture_seed, sampled, status
 from birdgen.qa.verifier import Verification, requested_species
 from birdgen.qa_config import QaConfig
 
@@ -126,17 +126,14 @@ class QaGate:
         if not (qa["flagged"] or replaces or sampled(item.id, self.share)):
             return False
         data, suffix = judged_picture(result)
+        reason = "flagged" if qa["flagged"] else "replaces a rejected picture" if replaces else "sampled"
         entry = {
             "id": item.id,
             "kind": item.kind,
             "species_id": item.species_id,
             "species": item.request.species,
             "family": result.metadata.get("family"),
-            "reason": "flagged"
-            if qa["flagged"]
-            else "replaces a rejected picture"
-            if replaces
-            else "sampled",
+            "reason": reason,
             "qa": qa,
             "metadata": result.metadata,
             "files": record.get("files", {}),
@@ -144,14 +141,13 @@ class QaGate:
         self.queue.enqueue(entry, data, suffix)
         return True
 
-    def rejected(self, record: Mapping[str, Any]) -> bool:
-        decision = self.queue.latest_decision(record["id"])
-        qa = record.get("qa") or {}
-        return (
-            decision is not None
-            and decision["decision"] == "rejected"
-            and decision.get("seed") == qa.get("seed")
-        )
+    def rejected(self, records: Mapping[str, Mapping[str, Any]]) -> set[str]:
+        decided = self.queue.decisions()  # read once for the whole manifest
+        return {
+            item_id
+            for item_id, record in records.items()
+            if status(decided.get(item_id), picture_seed(record)) == "rejected"
+        }
 
 
 def load_judges(

@@ -47,17 +47,21 @@ class ReviewEntry:
 
     @property
     def status(self) -> str:
-        """pending, approved or rejected; a decision about an earlier picture of the item (another
-        seed: it was rejected and drawn again) leaves the new one pending."""
-        if self.decision is None or self.decision.get("seed") != _seed(self.entry):
-            return "pending"
-        return str(self.decision["decision"])
+        return status(self.decision, picture_seed(self.entry))
 
 
-def _seed(entry: Mapping[str, Any]) -> int | None:
-    """The seed of the picture an entry shows (None for entries without QA verdicts)."""
-    qa = entry.get("qa") or {}
+def picture_seed(record: Mapping[str, Any]) -> int | None:
+    """The seed of the picture a queue entry or manifest record keeps (None without QA verdicts)."""
+    qa = record.get("qa") or {}
     return qa.get("seed")
+
+
+def status(decision: Mapping[str, Any] | None, seed: int | None) -> str:
+    """pending, approved or rejected: a decision counts for the picture of its seed only, so one
+    about an earlier picture of the item (rejected and drawn again) leaves the new one pending."""
+    if decision is None or decision.get("seed") != seed:
+        return "pending"
+    return str(decision["decision"])
 
 
 class ReviewQueue:
@@ -73,14 +77,14 @@ class ReviewQueue:
         queued_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         append_jsonl(self.folder / QUEUE, {**entry, "image": relative, "queued_at": queued_at})
 
-    def latest_decision(self, item_id: str) -> dict[str, Any] | None:
-        decided, _ = read_jsonl(self.folder / DECISIONS)
-        return decided.get(item_id)
+    def decisions(self) -> dict[str, dict[str, Any]]:
+        """The latest decision per item id."""
+        return read_jsonl(self.folder / DECISIONS)[0]
 
     def entries(self) -> list[ReviewEntry]:
         """Every queued item, in queue order, each with its latest decision."""
         queued, _ = read_jsonl(self.folder / QUEUE)
-        decided, _ = read_jsonl(self.folder / DECISIONS)
+        decided = self.decisions()
         return [ReviewEntry(entry, decided.get(item_id)) for item_id, entry in queued.items()]
 
     def decide(self, item_id: str, decision: str, *, reviewer: str, note: str = "") -> dict[str, Any]:
@@ -96,7 +100,7 @@ class ReviewQueue:
             raise ValueError(f"invalid 'id': {item_id!r} {what} in {self.folder / QUEUE}")
         record = {
             "id": matches[0],
-            "seed": _seed(queued[matches[0]]),  # the picture decided on
+            "seed": picture_seed(queued[matches[0]]),  # the picture decided on
             "decision": decision,
             "reviewer": reviewer.strip(),
             "note": note,

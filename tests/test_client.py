@@ -439,11 +439,16 @@ def test_a_control_image_from_a_path_bytes_or_base64_is_sent_base64(kind: str, t
     assert as_keywords.metadata["request"]["control"]["openpose"]["image"] == expected
 
 
-@pytest.mark.parametrize(
+# Pictures a client may hand over that no server would take: bytes that are no image, a path that
+# does not exist, a PNG cut short.
+BAD_CLIENT_IMAGES = pytest.mark.parametrize(
     "image",
     [b"not a picture at all", "missing.png", png_bytes()[:60]],
     ids=["not-an-image", "missing-file", "truncated"],
 )
+
+
+@BAD_CLIENT_IMAGES
 def test_a_bad_control_image_fails_before_sending_as_the_server_would(
     kind: str, tmp_path: Path, image: bytes | str
 ) -> None:
@@ -529,11 +534,7 @@ def test_an_svd_request_without_an_image_sends_its_canonical_json() -> None:
         assert sent_text(call) == call.request.canonical_json().encode()
 
 
-@pytest.mark.parametrize(
-    "image",
-    [b"not a picture at all", "missing.png", png_bytes()[:60]],
-    ids=["not-an-image", "missing-file", "truncated"],
-)
+@BAD_CLIENT_IMAGES
 def test_a_bad_svd_image_fails_before_sending_as_the_server_would(
     kind: str, tmp_path: Path, image: bytes | str
 ) -> None:
